@@ -1,0 +1,172 @@
+"""Deformable convolution (DCNv1 and modulated DCNv2), NCHW, in TE.
+
+Semantics are those of ``torchvision.ops.deform_conv2d``: output pixel (oh, ow), kernel tap
+(i, j) of offset group g samples the input at
+
+    y = oh * stride_h - pad_h + i * dilation_h + offset[n, 2 * (g * KH * KW + i * KW + j),     oh, ow]
+    x = ow * stride_w - pad_w + j * dilation_w + offset[n, 2 * (g * KH * KW + i * KW + j) + 1, oh, ow]
+
+by bilinear interpolation with zero padding (a sample with y <= -1, y >= H, x <= -1 or x >= W is
+zero; so is one whose position is NaN or infinite), multiplied by ``mask[n, g * KH * KW + i * KW + j,
+oh, ow]`` when a mask is given. Input channel c belongs to offset group ``c // (C / offset_groups)``
+and to convolution group ``c // (C / groups)``.
+
+The computation is split into stages so it schedules like a GEMM:
+
+1. ``sample_coord``   (N, OG, K, 2, P')  sampling position per (offset group, tap, output pixel);
+                                         invalid samples get the sentinel -2 (outside every image).
+2. ``corner_index``   (N, OG, K, 4, P')  flat index of each bilinear corner, clamped in range,
+   ``corner_weight``  (N, OG, K, 4, P')  its bilinear weight (times the mask), 0 when out of bounds.
+3. ``deform_col``     (N, C*K, P')       deformable im2col: 4 gathers per (channel, tap, pixel).
+4. ``gemm``           (N, Cout, P')      weight (Cout, C/groups*K) x columns, per group.
+5. output             (N, Cout, P)       drops the padding, adds the bias.
+
+K = KH*KW, P = OH*OW output pixels, P' = P rounded up to a multiple of ``SPATIAL_ALIGN`` so the
+pixel axis vectorises without tails. Coordinates and weights are computed once per (tap, pixel)
+and reused by every channel of the offset group. Kernel arguments use flattened spatial axes:
+input (N, C, H*W), offset (N, 2*OG*K, P), mask (N, OG*K, P), weight (Cout, C/groups*K), bias
+(Cout,), output (N, Cout, P); the PyTorch bridge passes views of its tensors, no copies.
+"""
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from ..workload import Workload
+from . import OperatorDef, register
+
+FORWARD = "deform_conv2d"
+# Rounding of the output-pixel axis of the intermediate stages, so that vector loops have no tail.
+SPATIAL_ALIGN = 8
+# Sampling position given to invalid samples: every bilinear corner of it is out of bounds.
+_OUTSIDE = -2
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def forward_workload(*, batch, in_channels, height, width, out_channels, kernel_size, stride=(1, 1),
+                     padding=(0, 0), dilation=(1, 1), groups=1, offset_groups=1, with_mask=False,
+                     with_bias=False, dtype="float32") -> Workload:
+    """The workload of one ``deform_conv2d`` forward call (all spatial parameters as pairs)."""
+    return Workload.make(
+        FORWARD, dtype, batch=batch, in_channels=in_channels, height=height, width=width,
+        out_channels=out_channels, kernel_size=tuple(kernel_size), stride=tuple(stride),
+        padding=tuple(padding), dilation=tuple(dilation), groups=groups, offset_groups=offset_groups,
+        with_mask=bool(with_mask), with_bias=bool(with_bias))
+
+
+class ConvGeometry:
+    """Shapes derived from a deform_conv2d workload."""
+
+    def __init__(self, wl: Workload):
+        self.batch = wl["batch"]
+        self.in_channels = wl["in_channels"]
+        self.height, self.width = wl["height"], wl["width"]
+        self.out_channels = wl["out_channels"]
+        self.kernel_h, self.kernel_w = wl["kernel_size"]
+        self.stride_h, self.stride_w = wl["stride"]
+        self.pad_h, self.pad_w = wl["padding"]
+        self.dil_h, self.dil_w = wl["dilation"]
+        self.groups = wl["groups"]
+        self.offset_groups = wl["offset_groups"]
+        self.with_mask = wl["with_mask"]
+        self.with_bias = wl["with_bias"]
+        self.dtype = wl.dtype
+        self.out_h = output_size(self.height, self.kernel_h, self.stride_h, self.pad_h, self.dil_h)
+        self.out_w = output_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
+        self.taps = self.kernel_h * self.kernel_w
+        self.pixels = self.out_h * self.out_w
+        self.padded_pixels = -(-self.pixels // SPATIAL_ALIGN) * SPATIAL_ALIGN
+        self.group_in_channels = self.in_channels // self.groups
+        self.group_out_channels = self.out_channels // self.groups
+        self.channels_per_offset_group = self.in_channels // self.offset_groups
+        self.reduction = self.group_in_channels * self.taps
+
+
+def sampling_stages(geo: ConvGeometry, offset: te.Tensor, mask: te.Tensor | None):
+    """Stages 1-2: bilinear corner indices and weights per (offset group, tap, output pixel)."""
+    dtype = geo.dtype
+    N, OG, K, P, PP = geo.batch, geo.offset_groups, geo.taps, geo.pixels, geo.padded_pixels
+
+    def coord(n, g, k, axis, p):
+        p_in = te.min(p, P - 1)  # padding pixels read a real pixel, then are marked invalid
+        oh, ow = p_in // geo.out_w, p_in % geo.out_w
+        ki, kj = k // geo.kernel_w, k % geo.kernel_w
+        channel = (g * K + k) * 2
+        y = (oh * geo.stride_h - geo.pad_h + ki * geo.dil_h).astype(dtype) + offset[n, channel, p_in]
+        x = (ow * geo.stride_w - geo.pad_w + kj * geo.dil_w).astype(dtype) + offset[n, channel + 1, p_in]
+        # Written as positive comparisons so NaN (all comparisons false) is invalid too.
+        valid = tirx.all(p < P, y > -1, y < geo.height, x > -1, x < geo.width)
+        return te.if_then_else(valid, te.if_then_else(axis == 0, y, x), tirx.const(_OUTSIDE, dtype))
+
+    sample = te.compute((N, OG, K, 2, PP), coord, name="sample_coord")
+
+    def corner(n, g, k, q, p):
+        """Corner q = 2*dy + dx of the bilinear cell; returns (in_bounds, flat_index, weight)."""
+        y, x = sample[n, g, k, 0, p], sample[n, g, k, 1, p]
+        y0, x0 = te.floor(y), te.floor(x)
+        dy, dx = q // 2, q % 2
+        row = y0.astype("int32") + dy
+        col = x0.astype("int32") + dx
+        frac_y, frac_x = y - y0, x - x0
+        one = tirx.const(1, dtype)
+        weight = (te.if_then_else(dy == 1, frac_y, one - frac_y)
+                  * te.if_then_else(dx == 1, frac_x, one - frac_x))
+        if mask is not None:
+            weight = weight * mask[n, g * K + k, te.min(p, P - 1)]
+        in_bounds = tirx.all(row >= 0, row < geo.height, col >= 0, col < geo.width)
+        return in_bounds, row * geo.width + col, weight
+
+    def index(n, g, k, q, p):
+        in_bounds, flat, _ = corner(n, g, k, q, p)
+        return te.if_then_else(in_bounds, flat, 0)
+
+    def weight(n, g, k, q, p):
+        in_bounds, _, w = corner(n, g, k, q, p)
+        return te.if_then_else(in_bounds, w, tirx.const(0, dtype))
+
+    corner_index = te.compute((N, OG, K, 4, PP), index, name="corner_index")
+    corner_weight = te.compute((N, OG, K, 4, PP), weight, name="corner_weight")
+    return corner_index, corner_weight
+
+
+def deformable_columns(geo: ConvGeometry, data: te.Tensor, corner_index: te.Tensor,
+                       corner_weight: te.Tensor) -> te.Tensor:
+    """Stage 3: the (N, C*K, P') matrix of bilinear samples (row c*K + k)."""
+    K = geo.taps
+
+    def sample(n, row, p):
+        c, k = row // K, row % K
+        g = c // geo.channels_per_offset_group
+        return sum(corner_weight[n, g, k, q, p] * data[n, c, corner_index[n, g, k, q, p]] for q in range(4))
+
+    return te.compute((geo.batch, geo.in_channels * K, geo.padded_pixels), sample, name="deform_col")
+
+
+@register(FORWARD)
+def build_forward(wl: Workload) -> OperatorDef:
+    geo = ConvGeometry(wl)
+    dtype = geo.dtype
+    N, C, K = geo.batch, geo.in_channels, geo.taps
+    data = te.placeholder((N, C, geo.height * geo.width), dtype, name="input")
+    offset = te.placeholder((N, 2 * geo.offset_groups * K, geo.pixels), dtype, name="offset")
+    mask = te.placeholder((N, geo.offset_groups * K, geo.pixels), dtype, name="mask") if geo.with_mask else None
+    weight = te.placeholder((geo.out_channels, geo.reduction), dtype, name="weight")
+    bias = te.placeholder((geo.out_channels,), dtype, name="bias") if geo.with_bias else None
+
+    corner_index, corner_weight = sampling_stages(geo, offset, mask)
+    columns = deformable_columns(geo, data, corner_index, corner_weight)
+    r = te.reduce_axis((0, geo.reduction), name="r")
+    gemm = te.compute(
+        (N, geo.out_channels, geo.padded_pixels),
+        lambda n, co, p: te.sum(
+            weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
+        name="gemm")
+    if bias is None:
+        out = te.compute((N, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p], name="output")
+    else:
+        out = te.compute((N, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p] + bias[co],
+                         name="output")
+    args = [data, offset] + ([mask] if mask is not None else []) + [weight] + ([bias] if bias is not None else [])
+    return OperatorDef(args + [out])
