@@ -2,16 +2,30 @@
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 
-# TVM's CPU thread pool sizes itself once, on the first parallel kernel, from TVM_NUM_THREADS or
-# its own count of physical cores (which undercounts on some VMs: 1 of 2 vCPUs here). Use the
-# CPUs this process may run on, as PyTorch does, unless the user chose.
+# Threads. TVM's CPU thread pool configures itself once, on the first parallel kernel, from the
+# environment; PyTorch's OpenMP runtime does so when torch is first imported. Unless the user chose:
+# - TVM_NUM_THREADS: TVM counts physical cores itself and undercounts on some VMs (1 of 2 vCPUs
+#   here); use the CPUs this process may run on, as PyTorch does.
+# - TVM_THREAD_POOL_SPIN_COUNT=0: idle TVM workers sleep instead of spinning, so the torch ops
+#   that follow a tvm_dcn kernel get the cores at once (measured: a 2.0 ms conv2d took 2.5 ms
+#   right after a tvm_dcn kernel with spinning workers).
+# - OMP_WAIT_POLICY=PASSIVE, only if torch is not imported yet: idle OpenMP workers of PyTorch
+#   otherwise spin for milliseconds after each torch op and halve the cores left to the next
+#   tvm_dcn kernel (measured: 2.0 ms alone, 9.5 ms right after a torch conv2d). Import tvm_dcn
+#   before torch, or set OMP_WAIT_POLICY=PASSIVE yourself, to get this (README, "Threads").
+#   (Importing tvm imports torch too, through tvm_ffi: so this runs before any import.)
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 if "TVM_NUM_THREADS" not in _os.environ:
-    from .target import available_cores as _available_cores
-
-    _os.environ["TVM_NUM_THREADS"] = str(_available_cores())
+    try:
+        _os.environ["TVM_NUM_THREADS"] = str(len(_os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        _os.environ["TVM_NUM_THREADS"] = str(_os.cpu_count() or 1)
 
 from .workload import Workload  # noqa: E402
 from .kernel import Kernel, compile, clear_memory_cache, cache_dir  # noqa: E402

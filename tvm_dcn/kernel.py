@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -109,10 +110,10 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
     return kernel
 
 
-def _build_or_load(workload: Workload, target, schedule: Optional[str], use_disk_cache: bool) -> Kernel:
+def _build_or_load(workload: Workload, target, schedule: Optional[str], use_disk_cache: bool,
+                   skip_tuned: bool = False) -> Kernel:
     func = primfunc(workload)
-    plan = _plan_schedule(workload, target, func, schedule)
-    source, fingerprint_part = plan[0], plan[1]
+    source, fingerprint_part, apply = _plan_schedule(workload, target, func, schedule, skip_tuned)
     fingerprint = _fingerprint(workload, target, source, fingerprint_part)
     path = cache_dir() / target_tag(target) / f"{workload.op}-{fingerprint}.so"
     if use_disk_cache and path.exists():
@@ -121,9 +122,17 @@ def _build_or_load(workload: Workload, target, schedule: Optional[str], use_disk
             return Kernel(workload, target, module, source, from_disk_cache=True, library_path=str(path))
         except Exception as err:  # a truncated or foreign file: rebuild and replace it
             logger.warning("tvm_dcn: ignoring unreadable cached kernel %s (%s)", path, err)
-    mod = plan[2]()
-    with tvm.transform.PassContext(opt_level=3):
-        module = tvm.compile(mod, target=target)
+    try:
+        mod = apply()
+        with tvm.transform.PassContext(opt_level=3):
+            module = tvm.compile(mod, target=target)
+    except Exception as err:
+        if source != "tuned" or schedule == "tuned":
+            raise
+        # A stale record (e.g. from an older operator definition) must not take the op down.
+        warnings.warn(f"tvm_dcn: the tuning record for {workload.short_name()} cannot be applied ({err}); "
+                      "using the hand schedule", RuntimeWarning, stacklevel=4)
+        return _build_or_load(workload, target, schedule, use_disk_cache, skip_tuned=True)
     library_path = None
     if use_disk_cache:
         library_path = _export_atomically(module, path)
@@ -143,12 +152,12 @@ def ir_module(workload: Workload) -> tvm.IRModule:
     return tvm.IRModule({_ENTRY: primfunc(workload)})
 
 
-def _plan_schedule(workload: Workload, target, func, forced: Optional[str]):
+def _plan_schedule(workload: Workload, target, func, forced: Optional[str], skip_tuned: bool = False):
     """Choose the schedule source: returns (source, fingerprint bytes, thunk -> scheduled IRModule)."""
     from . import tuning_records  # noqa: PLC0415  (imports MetaSchedule only when records exist)
 
     kind = target.kind.name
-    if forced in (None, "tuned"):
+    if forced in (None, "tuned") and not skip_tuned:
         record = tuning_records.lookup(workload, target)
         if record is not None:
             return "tuned", record.fingerprint, record.apply
