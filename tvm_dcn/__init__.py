@@ -34,13 +34,13 @@ from .functional import deform_conv2d  # noqa: E402
 
 __all__ = [
     "Workload", "Kernel", "compile", "clear_memory_cache", "cache_dir", "host_target", "target_tag",
-    "deform_conv2d", "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack",
+    "deform_conv2d", "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "DCN", "DCNv2",
 ]
 
 
 def __getattr__(name):
     # Modules are imported lazily so that `import tvm_dcn` stays light for kernel-only use.
-    if name in ("DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"):
+    if name in ("DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "DCN", "DCNv2"):
         from . import modules
 
         return getattr(modules, name)

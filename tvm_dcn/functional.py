@@ -136,8 +136,9 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     out_h = output_size(height, kernel_h, stride_hw[0], padding_hw[0], dilation_hw[0])
     out_w = output_size(width, kernel_w, stride_hw[1], padding_hw[1], dilation_hw[1])
     if out_h < 1 or out_w < 1:
-        raise ValueError(f"the output would be empty ({out_h}x{out_w}): input {height}x{width} is smaller "
-                         f"than the dilated kernel {kernel_h}x{kernel_w} with padding {padding_hw}")
+        extent = (dilation_hw[0] * (kernel_h - 1) + 1, dilation_hw[1] * (kernel_w - 1) + 1)
+        raise ValueError(f"the output would be empty ({out_h}x{out_w}): input {height}x{width} with padding "
+                         f"{padding_hw} is smaller than the dilated kernel extent {extent[0]}x{extent[1]}")
     if offset.shape[0] != batch or tuple(offset.shape[2:]) != (out_h, out_w):
         raise ValueError(f"offset has shape {tuple(offset.shape)}; expected ({batch}, {offset.shape[1]}, "
                          f"{out_h}, {out_w}) for the batch and output size")

@@ -302,9 +302,9 @@ class DeformConv2dPack(_PackBase):
         deform_groups: ``G``, number of offset groups (each predicts its own offsets for a slice
             of ``C_in / G`` input channels); must divide ``in_channels``. Default 1. The
             deprecated mmcv keyword ``deformable_groups`` is accepted too.
-        bias: whether the main convolution has a learnable bias. Default True. Note: mmcv's
-            DCNv1 layers support no bias at all (``bias=True`` fails an assertion there) and their
-            checkpoints have no ``bias`` key; build with ``bias=False`` to load one strictly.
+        bias: whether the main convolution has a learnable bias. Default False, as in mmcv, whose
+            DCNv1 layers support no bias at all (``bias=True`` fails an assertion there) and whose
+            checkpoints have no ``bias`` key; ``bias=True`` is an extension.
 
     Attributes:
         weight: ``(C_out, C_in / groups, KH, KW)``; initialised as mmcv does,
@@ -320,7 +320,7 @@ class DeformConv2dPack(_PackBase):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
-                 bias: bool = True, *, deformable_groups: Optional[int] = None) -> None:
+                 bias: bool = False, *, deformable_groups: Optional[int] = None) -> None:
         deform_groups = _resolve_deform_groups(deform_groups, deformable_groups, type(self).__name__)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          deform_groups, bias)
