@@ -84,10 +84,17 @@ class ConvGeometry:
         self.reduction = self.group_in_channels * self.taps
 
 
-def sampling_stages(geo: ConvGeometry, offset: te.Tensor, mask: te.Tensor | None):
-    """Stages 1-2: bilinear corner indices and weights per (offset group, tap, output pixel)."""
+def sample_coordinates(geo: ConvGeometry, offset: te.Tensor) -> te.Tensor:
+    """Stage 1: (N, OG, K, 2, P') sampling position (y, x) per offset group, tap and output pixel.
+
+    A position outside (-2, H + 1) x (-2, W + 1), non-finite, or of a padding pixel is replaced
+    by the sentinel (-2, -2): every bilinear corner of the cell is then outside the image, so the
+    sample, and all its gradients, are zero. Inside that range, in-bounds corners alone reproduce
+    torchvision exactly: zero value outside (-1, H) x (-1, W), and its one-sided coordinate
+    gradients on the border. The sentinel also keeps float->int conversions of huge values defined.
+    """
     dtype = geo.dtype
-    N, OG, K, P, PP = geo.batch, geo.offset_groups, geo.taps, geo.pixels, geo.padded_pixels
+    K, P = geo.taps, geo.pixels
 
     def coord(n, g, k, axis, p):
         p_in = te.min(p, P - 1)  # padding pixels read a real pixel, then are marked invalid
@@ -96,39 +103,68 @@ def sampling_stages(geo: ConvGeometry, offset: te.Tensor, mask: te.Tensor | None
         channel = (g * K + k) * 2
         y = (oh * geo.stride_h - geo.pad_h + ki * geo.dil_h).astype(dtype) + offset[n, channel, p_in]
         x = (ow * geo.stride_w - geo.pad_w + kj * geo.dil_w).astype(dtype) + offset[n, channel + 1, p_in]
-        # Written as positive comparisons so NaN (all comparisons false) is invalid too.
-        valid = tirx.all(p < P, y > -1, y < geo.height, x > -1, x < geo.width)
+        # Positive comparisons, so that NaN (every comparison false) takes the sentinel too.
+        valid = tirx.all(p < P, y > -2, y < geo.height + 1, x > -2, x < geo.width + 1)
         return te.if_then_else(valid, te.if_then_else(axis == 0, y, x), tirx.const(_OUTSIDE, dtype))
 
-    sample = te.compute((N, OG, K, 2, PP), coord, name="sample_coord")
+    return te.compute((geo.batch, geo.offset_groups, K, 2, geo.padded_pixels), coord, name="sample_coord")
 
-    def corner(n, g, k, q, p):
-        """Corner q = 2*dy + dx of the bilinear cell; returns (in_bounds, flat_index, weight)."""
+
+class BilinearCorner:
+    """Corner q = 2*dy + dx of the bilinear cell of sample (n, g, k, p)."""
+
+    def __init__(self, geo: ConvGeometry, sample: te.Tensor, n, g, k, q, p):
         y, x = sample[n, g, k, 0, p], sample[n, g, k, 1, p]
         y0, x0 = te.floor(y), te.floor(x)
-        dy, dx = q // 2, q % 2
-        row = y0.astype("int32") + dy
-        col = x0.astype("int32") + dx
-        frac_y, frac_x = y - y0, x - x0
-        one = tirx.const(1, dtype)
-        weight = (te.if_then_else(dy == 1, frac_y, one - frac_y)
-                  * te.if_then_else(dx == 1, frac_x, one - frac_x))
-        if mask is not None:
-            weight = weight * mask[n, g * K + k, te.min(p, P - 1)]
-        in_bounds = tirx.all(row >= 0, row < geo.height, col >= 0, col < geo.width)
-        return in_bounds, row * geo.width + col, weight
+        self.dy, self.dx = q // 2, q % 2
+        row = y0.astype("int32") + self.dy
+        col = x0.astype("int32") + self.dx
+        self.frac_y, self.frac_x = y - y0, x - x0
+        self.in_bounds = tirx.all(row >= 0, row < geo.height, col >= 0, col < geo.width)
+        self.flat_index = row * geo.width + col
+        self.one = tirx.const(1, geo.dtype)
+        self.zero = tirx.const(0, geo.dtype)
 
+    def weight_y(self):
+        return te.if_then_else(self.dy == 1, self.frac_y, self.one - self.frac_y)
+
+    def weight_x(self):
+        return te.if_then_else(self.dx == 1, self.frac_x, self.one - self.frac_x)
+
+    def masked(self, value):
+        """``value`` for an in-bounds corner, zero for one outside the image."""
+        return te.if_then_else(self.in_bounds, value, self.zero)
+
+
+def corner_indices(geo: ConvGeometry, sample: te.Tensor) -> te.Tensor:
+    """(N, OG, K, 4, P') flat input index of each bilinear corner (0 where out of bounds)."""
     def index(n, g, k, q, p):
-        in_bounds, flat, _ = corner(n, g, k, q, p)
-        return te.if_then_else(in_bounds, flat, 0)
+        corner = BilinearCorner(geo, sample, n, g, k, q, p)
+        return te.if_then_else(corner.in_bounds, corner.flat_index, 0)
+
+    shape = (geo.batch, geo.offset_groups, geo.taps, 4, geo.padded_pixels)
+    return te.compute(shape, index, name="corner_index")
+
+
+def corner_weights(geo: ConvGeometry, sample: te.Tensor, mask: te.Tensor | None) -> te.Tensor:
+    """(N, OG, K, 4, P') bilinear weight of each corner, times the mask; 0 where out of bounds."""
+    K, P = geo.taps, geo.pixels
 
     def weight(n, g, k, q, p):
-        in_bounds, _, w = corner(n, g, k, q, p)
-        return te.if_then_else(in_bounds, w, tirx.const(0, dtype))
+        corner = BilinearCorner(geo, sample, n, g, k, q, p)
+        w = corner.weight_y() * corner.weight_x()
+        if mask is not None:
+            w = w * mask[n, g * K + k, te.min(p, P - 1)]
+        return corner.masked(w)
 
-    corner_index = te.compute((N, OG, K, 4, PP), index, name="corner_index")
-    corner_weight = te.compute((N, OG, K, 4, PP), weight, name="corner_weight")
-    return corner_index, corner_weight
+    shape = (geo.batch, geo.offset_groups, K, 4, geo.padded_pixels)
+    return te.compute(shape, weight, name="corner_weight")
+
+
+def sampling_stages(geo: ConvGeometry, offset: te.Tensor, mask: te.Tensor | None):
+    """Stages 1-2: bilinear corner indices and (masked) weights per (offset group, tap, pixel)."""
+    sample = sample_coordinates(geo, offset)
+    return corner_indices(geo, sample), corner_weights(geo, sample, mask)
 
 
 def deformable_columns(geo: ConvGeometry, data: te.Tensor, corner_index: te.Tensor,
