@@ -412,13 +412,3 @@ def test_batch_elements_are_independent(generator):
         sub = {k: (None if v is None or k in ("weight", "bias") else v[i:i + 1]) for k, v in inputs.items()}
         sub["weight"], sub["bias"] = inputs["weight"], inputs["bias"]
         assert_matches(_run(one, sub), out[i:i + 1].double(), torch.float32, what=f"batch element {i}")
-
-
-@pytest.mark.skipif(tvm_dcn.functional.SUPPORTS_BACKWARD, reason="backward has landed")
-@pytest.mark.parametrize("name", ["input", "offset", "weight", "bias", "mask"])
-def test_requires_grad_is_refused(name, generator):
-    cfg = NONFINITE_CONFIGS[0]
-    inputs = make_inputs(cfg, generator)
-    inputs[name] = inputs[name].clone().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="grad"):
-        _run(cfg, inputs)

@@ -1,6 +1,9 @@
 """PyTorch entry points: torchvision-compatible functions that run tvm-dcn kernels.
 
 Tensors reach the compiled kernels zero-copy through DLPack; outputs are allocated by PyTorch.
+The kernels are registered as ``torch.library`` custom ops (``torch.ops.tvm_dcn.*``, with fake
+implementations for ``torch.compile``), and :class:`DeformConv2dFunction` wires the forward and
+backward kernels into autograd. Backward kernels compute only the gradients autograd asks for.
 """
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from torch.autograd.function import once_differentiable
+
 from . import kernel as _kernel
-from .ops.deform_conv import forward_workload, output_size
+from .ops.deform_conv import backward_data_workload, backward_weight_workload, forward_workload, output_size
 
 IntPair = Union[int, Sequence[int]]
 
-# Gradients land with the backward kernels; until then inputs that require grad are refused.
-SUPPORTS_BACKWARD = False
+# Gradients of every argument (input, offset, mask, weight, bias) are implemented.
+SUPPORTS_BACKWARD = True
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
@@ -57,16 +62,6 @@ def kernel_arg(t: torch.Tensor) -> torch.Tensor:
     if t.data_ptr() % 64:
         t = t.clone()
     return t
-
-
-def _check_grad_unsupported(**tensors) -> None:
-    if SUPPORTS_BACKWARD or not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if t is not None and t.requires_grad:
-            raise RuntimeError(
-                f"tvm_dcn.deform_conv2d: {name} requires grad, but gradients are not implemented yet; "
-                "run under torch.no_grad() or detach the inputs")
 
 
 def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
@@ -147,35 +142,148 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_h, out_w):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; expected "
                          f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
-    _check_grad_unsupported(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-
-    out_shape = (batch, out_channels, out_h, out_w)
-    if batch == 0 or out_channels == 0:
-        return input.new_zeros(out_shape)
-    if in_channels == 0:
-        out = input.new_zeros(out_shape)
-        return out + bias.view(1, -1, 1, 1) if bias is not None else out
     largest = max(input.numel(), batch * in_channels * taps * math.ceil(out_h * out_w / 8) * 8,
                   offset.numel(), batch * out_channels * out_h * out_w)
     if largest > _INT32_MAX:
         raise ValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
                          "(more than 2**31 elements in an intermediate); split the batch")
+    return DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride_hw, padding_hw, dilation_hw)
 
-    workload = forward_workload(
+
+def _workload(input, offset, weight, bias, mask, stride, padding, dilation):
+    """The forward workload of a validated call."""
+    batch, in_channels, height, width = input.shape
+    out_channels, weight_in_channels, kernel_h, kernel_w = weight.shape
+    return forward_workload(
         batch=batch, in_channels=in_channels, height=height, width=width, out_channels=out_channels,
-        kernel_size=(kernel_h, kernel_w), stride=stride_hw, padding=padding_hw, dilation=dilation_hw,
-        groups=groups, offset_groups=offset_groups, with_mask=mask is not None, with_bias=bias is not None,
-        dtype=str(input.dtype).replace("torch.", ""))
-    kern = _kernel.compile(workload)
+        kernel_size=(kernel_h, kernel_w), stride=tuple(stride), padding=tuple(padding),
+        dilation=tuple(dilation), groups=in_channels // weight_in_channels,
+        offset_groups=offset.shape[1] // (2 * kernel_h * kernel_w), with_mask=mask is not None,
+        with_bias=bias is not None, dtype=str(input.dtype).replace("torch.", ""))
 
-    args = [kernel_arg(input).view(batch, in_channels, height * width),
-            kernel_arg(offset).view(batch, offset.shape[1], out_h * out_w)]
+
+def _is_empty(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Calls with nothing to compute (no batch, no input or output channels) skip the kernels."""
+    return input.shape[0] == 0 or input.shape[1] == 0 or weight.shape[0] == 0
+
+
+def _flat(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` as a kernel argument of shape (batch, rows, -1) (the layout of the TE definitions)."""
+    return kernel_arg(t).view(t.shape[0], rows, -1)
+
+
+@torch.library.custom_op("tvm_dcn::deform_conv2d_forward", mutates_args=())
+def _forward_op(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor], stride: list[int], padding: list[int],
+                dilation: list[int]) -> torch.Tensor:
+    batch, in_channels = input.shape[:2]
+    out_channels = weight.shape[0]
+    out_h, out_w = offset.shape[2:]
+    if _is_empty(input, weight):
+        out = input.new_zeros((batch, out_channels, out_h, out_w))
+        return out + bias.view(1, -1, 1, 1) if bias is not None and batch else out
+    kern = _kernel.compile(_workload(input, offset, weight, bias, mask, stride, padding, dilation))
+    args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
     if mask is not None:
-        args.append(kernel_arg(mask).view(batch, mask.shape[1], out_h * out_w))
-    args.append(kernel_arg(weight).view(out_channels, weight_in_channels * taps))
+        args.append(_flat(mask, mask.shape[1]))
+    args.append(kernel_arg(weight).view(out_channels, -1))
     if bias is not None:
         args.append(kernel_arg(bias))
     out = torch.empty((batch, out_channels, out_h * out_w), dtype=input.dtype)
-    with torch.no_grad():
-        kern(*args, out)
-    return out.view(out_shape)
+    kern(*args, out)
+    return out.view(batch, out_channels, out_h, out_w)
+
+
+@_forward_op.register_fake
+def _(input, offset, weight, bias, mask, stride, padding, dilation):
+    return input.new_empty((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
+
+
+@torch.library.custom_op("tvm_dcn::deform_conv2d_backward", mutates_args=())
+def _backward_op(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                 mask: Optional[torch.Tensor], with_bias: bool, stride: list[int], padding: list[int],
+                 dilation: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, torch.Tensor]:
+    """Gradients (input, offset, mask, weight, bias) for the flags ``needs``; a gradient that is
+    not needed (or a mask/bias that does not exist) comes back as an empty tensor."""
+    need_input, need_offset, need_mask, need_weight, need_bias = needs
+    need_mask = need_mask and mask is not None
+    need_bias = need_bias and with_bias
+    grads = [input.new_empty(0) for _ in range(5)]  # distinct tensors: custom-op outputs may not alias
+    if _is_empty(input, weight):
+        for i, (t, need) in enumerate(zip((input, offset, mask, weight), (need_input, need_offset, need_mask,
+                                                                           need_weight))):
+            if need:
+                grads[i] = torch.zeros_like(t, memory_format=torch.contiguous_format)
+        if need_bias:
+            grads[4] = grad_output.sum((0, 2, 3))
+        return tuple(grads)
+    batch, in_channels = input.shape[:2]
+    out_channels = weight.shape[0]
+    pixels = offset.shape[2] * offset.shape[3]
+    forward = _workload(input, offset, weight, None, mask, stride, padding, dilation)
+    grad_out = _flat(grad_output, out_channels)
+    sampling_args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
+    if mask is not None:
+        sampling_args.append(_flat(mask, mask.shape[1]))
+
+    if need_input or need_offset or need_mask:
+        need_sampling = need_offset or need_mask
+        kern = _kernel.compile(backward_data_workload(forward, need_input=need_input, need_sampling=need_sampling))
+        outs = []
+        if need_input:
+            outs.append(torch.empty((batch, in_channels, input.shape[2] * input.shape[3]), dtype=input.dtype))
+        if need_sampling:
+            outs.append(torch.empty((batch, offset.shape[1], pixels), dtype=input.dtype))
+            if mask is not None:
+                outs.append(torch.empty((batch, mask.shape[1], pixels), dtype=input.dtype))
+        kern(grad_out, *sampling_args, kernel_arg(weight).view(out_channels, -1), *outs)
+        if need_input:
+            grads[0] = outs.pop(0).view_as(input)
+        if need_sampling:
+            grad_offset = outs.pop(0)
+            if need_offset:
+                grads[1] = grad_offset.view_as(offset)
+            if mask is not None and need_mask:
+                grads[2] = outs.pop(0).view_as(mask)
+    if need_weight or need_bias:
+        kern = _kernel.compile(backward_weight_workload(forward, need_weight=need_weight, need_bias=need_bias))
+        outs = []
+        if need_weight:
+            outs.append(torch.empty((out_channels, weight[0].numel()), dtype=input.dtype))
+        if need_bias:
+            outs.append(torch.empty(out_channels, dtype=input.dtype))
+        kern(grad_out, *(sampling_args if need_weight else []), *outs)
+        if need_weight:
+            grads[3] = outs.pop(0).view_as(weight)
+        if need_bias:
+            grads[4] = outs.pop(0)
+    return tuple(grads)
+
+
+@_backward_op.register_fake
+def _(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation, needs):
+    shapes = (input, offset, mask, weight, weight[:, 0, 0, 0] if with_bias else None)
+    return tuple(t.new_empty(t.shape) if need and t is not None else input.new_empty(0)
+                 for t, need in zip(shapes, needs))
+
+
+class DeformConv2dFunction(torch.autograd.Function):
+    """Autograd for :func:`deform_conv2d` (first derivatives; double backward is not supported)."""
+
+    @staticmethod
+    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation):
+        ctx.conv = (list(stride), list(padding), list(dilation), bias is not None)
+        ctx.save_for_backward(input, offset, weight, mask)
+        return _forward_op(input, offset, weight, bias, mask, list(stride), list(padding), list(dilation))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, offset, weight, mask = ctx.saved_tensors
+        stride, padding, dilation, with_bias = ctx.conv
+        needs = list(ctx.needs_input_grad[:5])  # input, offset, weight, bias, mask
+        order = [needs[0], needs[1], needs[4], needs[2], needs[3]]  # the op's order: input, offset, mask, weight, bias
+        grads = _backward_op(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation, order)
+        g_input, g_offset, g_mask, g_weight, g_bias = (g if need else None for g, need in zip(grads, order))
+        return g_input, g_offset, g_weight, g_bias, g_mask, None, None, None

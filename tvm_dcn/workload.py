@@ -43,6 +43,9 @@ class Workload:
                 return value
         raise KeyError(f"workload {self.op} has no parameter {name!r}")
 
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.op, "dtype": self.dtype, "params": dict(self.params)}
 

@@ -23,7 +23,9 @@ The computation is split into stages so it schedules like a GEMM:
 
 K = KH*KW, P = OH*OW output pixels, P' = P rounded up to a multiple of ``SPATIAL_ALIGN`` so the
 pixel axis vectorises without tails. Coordinates and weights are computed once per (tap, pixel)
-and reused by every channel of the offset group. Kernel arguments use flattened spatial axes:
+and reused by every channel of the offset group. The backward kernels reuse stages 1-3 (see ``build_backward_data`` and ``build_backward_weight``).
+
+Kernel arguments use flattened spatial axes:
 input (N, C, H*W), offset (N, 2*OG*K, P), mask (N, OG*K, P), weight (Cout, C/groups*K), bias
 (Cout,), output (N, Cout, P); the PyTorch bridge passes views of its tensors, no copies.
 """
@@ -35,6 +37,8 @@ from ..workload import Workload
 from . import OperatorDef, register
 
 FORWARD = "deform_conv2d"
+BACKWARD_DATA = "deform_conv2d_backward_data"
+BACKWARD_WEIGHT = "deform_conv2d_backward_weight"
 # Rounding of the output-pixel axis of the intermediate stages, so that vector loops have no tail.
 SPATIAL_ALIGN = 8
 # Sampling position given to invalid samples: every bilinear corner of it is out of bounds.
@@ -56,6 +60,26 @@ def forward_workload(*, batch, in_channels, height, width, out_channels, kernel_
         with_mask=bool(with_mask), with_bias=bool(with_bias))
 
 
+def backward_data_workload(forward: Workload, *, need_input: bool, need_sampling: bool) -> Workload:
+    """The workload computing the gradients of ``forward``'s input (``need_input``) and of its
+    offset and mask (``need_sampling``) from the output gradient. The bias plays no part."""
+    if not (need_input or need_sampling):
+        raise ValueError("a backward-data workload must compute some gradient")
+    params = dict(forward.params)
+    params.pop("with_bias")
+    return Workload.make(BACKWARD_DATA, forward.dtype, need_input=bool(need_input),
+                         need_sampling=bool(need_sampling), **params)
+
+
+def backward_weight_workload(forward: Workload, *, need_weight: bool, need_bias: bool) -> Workload:
+    """The workload computing the gradients of ``forward``'s weight and/or bias."""
+    if not (need_weight or need_bias):
+        raise ValueError("a backward-weight workload must compute some gradient")
+    params = dict(forward.params)
+    params["with_bias"] = bool(need_bias)
+    return Workload.make(BACKWARD_WEIGHT, forward.dtype, need_weight=bool(need_weight), **params)
+
+
 class ConvGeometry:
     """Shapes derived from a deform_conv2d workload."""
 
@@ -71,7 +95,7 @@ class ConvGeometry:
         self.groups = wl["groups"]
         self.offset_groups = wl["offset_groups"]
         self.with_mask = wl["with_mask"]
-        self.with_bias = wl["with_bias"]
+        self.with_bias = wl.get("with_bias", False)
         self.dtype = wl.dtype
         self.out_h = output_size(self.height, self.kernel_h, self.stride_h, self.pad_h, self.dil_h)
         self.out_w = output_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
@@ -180,29 +204,197 @@ def deformable_columns(geo: ConvGeometry, data: te.Tensor, corner_index: te.Tens
     return te.compute((geo.batch, geo.in_channels * K, geo.padded_pixels), sample, name="deform_col")
 
 
+class Placeholders:
+    """The kernel-argument tensors shared by the forward and backward definitions."""
+
+    def __init__(self, geo: ConvGeometry, with_bias: bool):
+        N, C, K, dtype = geo.batch, geo.in_channels, geo.taps, geo.dtype
+        self.data = te.placeholder((N, C, geo.height * geo.width), dtype, name="input")
+        self.offset = te.placeholder((N, 2 * geo.offset_groups * K, geo.pixels), dtype, name="offset")
+        self.mask = (te.placeholder((N, geo.offset_groups * K, geo.pixels), dtype, name="mask")
+                     if geo.with_mask else None)
+        self.weight = te.placeholder((geo.out_channels, geo.reduction), dtype, name="weight")
+        self.bias = te.placeholder((geo.out_channels,), dtype, name="bias") if with_bias else None
+        self.grad_output = te.placeholder((N, geo.out_channels, geo.pixels), dtype, name="grad_output")
+
+    def sampling_args(self) -> list[te.Tensor]:
+        """input, offset[, mask]: the tensors that determine the deformable columns."""
+        return [self.data, self.offset] + ([self.mask] if self.mask is not None else [])
+
+
 @register(FORWARD)
 def build_forward(wl: Workload) -> OperatorDef:
+    """Kernel arguments: input, offset, [mask], weight, [bias] -> output (N, Cout, P)."""
     geo = ConvGeometry(wl)
-    dtype = geo.dtype
-    N, C, K = geo.batch, geo.in_channels, geo.taps
-    data = te.placeholder((N, C, geo.height * geo.width), dtype, name="input")
-    offset = te.placeholder((N, 2 * geo.offset_groups * K, geo.pixels), dtype, name="offset")
-    mask = te.placeholder((N, geo.offset_groups * K, geo.pixels), dtype, name="mask") if geo.with_mask else None
-    weight = te.placeholder((geo.out_channels, geo.reduction), dtype, name="weight")
-    bias = te.placeholder((geo.out_channels,), dtype, name="bias") if geo.with_bias else None
-
-    corner_index, corner_weight = sampling_stages(geo, offset, mask)
-    columns = deformable_columns(geo, data, corner_index, corner_weight)
+    t = Placeholders(geo, geo.with_bias)
+    corner_index, corner_weight = sampling_stages(geo, t.offset, t.mask)
+    columns = deformable_columns(geo, t.data, corner_index, corner_weight)
     r = te.reduce_axis((0, geo.reduction), name="r")
     gemm = te.compute(
-        (N, geo.out_channels, geo.padded_pixels),
+        (geo.batch, geo.out_channels, geo.padded_pixels),
         lambda n, co, p: te.sum(
-            weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
+            t.weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
         name="gemm")
-    if bias is None:
-        out = te.compute((N, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p], name="output")
-    else:
-        out = te.compute((N, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p] + bias[co],
+    if t.bias is None:
+        out = te.compute((geo.batch, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p],
                          name="output")
-    args = [data, offset] + ([mask] if mask is not None else []) + [weight] + ([bias] if bias is not None else [])
+    else:
+        out = te.compute((geo.batch, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p] + t.bias[co],
+                         name="output")
+    args = t.sampling_args() + [t.weight] + ([t.bias] if t.bias is not None else [])
     return OperatorDef(args + [out])
+
+
+def padded_grad_output(geo: ConvGeometry, grad_output: te.Tensor) -> te.Tensor:
+    """(N, Cout, P') output gradient, zero on the padding pixels (so GEMMs run over P')."""
+    return te.compute(
+        (geo.batch, geo.out_channels, geo.padded_pixels),
+        lambda n, co, p: te.if_then_else(p < geo.pixels, grad_output[n, co, te.min(p, geo.pixels - 1)],
+                                         tirx.const(0, geo.dtype)),
+        name="grad_output_padded")
+
+
+def column_gradient(geo: ConvGeometry, weight: te.Tensor, grad_out: te.Tensor) -> te.Tensor:
+    """(N, C*K, P') gradient of the deformable columns: weight^T x grad_output, per group."""
+    o = te.reduce_axis((0, geo.group_out_channels), name="o")
+
+    def grad(n, row, p):
+        g = row // geo.reduction
+        co = g * geo.group_out_channels + o
+        return te.sum(weight[co, row - g * geo.reduction] * grad_out[n, co, p], axis=o)
+
+    return te.compute((geo.batch, geo.in_channels * geo.taps, geo.padded_pixels), grad, name="grad_col")
+
+
+def corner_sums(geo: ConvGeometry, data: te.Tensor, corner_index: te.Tensor, grad_col: te.Tensor) -> te.Tensor:
+    """(N, OG, K, 4, P') sum over the offset group's channels of grad_col x input at each corner:
+    everything the offset and mask gradients need from the input."""
+    K, cpg = geo.taps, geo.channels_per_offset_group
+    ci = te.reduce_axis((0, cpg), name="ci")
+
+    def total(n, g, k, q, p):
+        c = g * cpg + ci
+        return te.sum(grad_col[n, c * K + k, p] * data[n, c, corner_index[n, g, k, q, p]], axis=ci)
+
+    shape = (geo.batch, geo.offset_groups, K, 4, geo.padded_pixels)
+    return te.compute(shape, total, name="corner_sum")
+
+
+def offset_gradient(geo: ConvGeometry, sample: te.Tensor, sums: te.Tensor, mask: te.Tensor | None) -> te.Tensor:
+    """(N, 2*OG*K, P) d loss / d offset: the derivative of each corner's bilinear weight along the
+    axis, weighted by that corner's sum; corners outside the image contribute nothing."""
+    K = geo.taps
+
+    def grad(n, channel, p):
+        g, k, axis = channel // (2 * K), (channel // 2) % K, channel % 2
+        total = tirx.const(0, geo.dtype)
+        for q in range(4):
+            corner = BilinearCorner(geo, sample, n, g, k, q, p)
+            # d(weight_y * weight_x)/dy = +-weight_x, /dx = +-weight_y
+            sign_y = te.if_then_else(corner.dy == 1, corner.one, -corner.one)
+            sign_x = te.if_then_else(corner.dx == 1, corner.one, -corner.one)
+            slope = te.if_then_else(axis == 0, sign_y * corner.weight_x(), sign_x * corner.weight_y())
+            total = total + corner.masked(slope * sums[n, g, k, q, p])
+        if mask is not None:
+            total = total * mask[n, g * K + k, p]
+        return total
+
+    return te.compute((geo.batch, 2 * geo.offset_groups * K, geo.pixels), grad, name="grad_offset")
+
+
+def mask_gradient(geo: ConvGeometry, sample: te.Tensor, sums: te.Tensor) -> te.Tensor:
+    """(N, OG*K, P) d loss / d mask: the unmasked bilinear sample, weighted by the corner sums."""
+    K = geo.taps
+
+    def grad(n, channel, p):
+        g, k = channel // K, channel % K
+        total = tirx.const(0, geo.dtype)
+        for q in range(4):
+            corner = BilinearCorner(geo, sample, n, g, k, q, p)
+            total = total + corner.masked(corner.weight_y() * corner.weight_x() * sums[n, g, k, q, p])
+        return total
+
+    return te.compute((geo.batch, geo.offset_groups * K, geo.pixels), grad, name="grad_mask")
+
+
+def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tensor,
+                   corner_weight: te.Tensor) -> te.Tensor:
+    """(N, C, H*W) d loss / d input: each column entry's gradient scattered to its four corners.
+
+    A scatter, which ``te.compute`` cannot express: an extern stage. Every (batch, channel) plane
+    is written by one task, so the planes run in parallel with no atomics and the summation order
+    is fixed (bit-reproducible gradients).
+    """
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    N, C, K, HW, P = geo.batch, geo.in_channels, geo.taps, geo.height * geo.width, geo.pixels
+    cpg = geo.channels_per_offset_group
+
+    def body(ins, outs):
+        grad_col_buf, index_buf, weight_buf = (T.buffer_proxy(b) for b in ins)
+        grad_input = T.buffer_proxy(outs[0])
+        with IRBuilder() as ib:
+            with T.parallel(0, N * C) as plane:
+                n, c = plane // C, plane % C
+                g = c // cpg
+                with T.serial(0, HW) as i:
+                    grad_input[n, c, i] = tirx.const(0, geo.dtype)
+                with T.serial(0, K) as k:
+                    with T.serial(0, P) as p:
+                        column_grad = grad_col_buf[n, c * K + k, p]
+                        for q in range(4):
+                            target = index_buf[n, g, k, q, p]
+                            grad_input[n, c, target] = (grad_input[n, c, target]
+                                                        + weight_buf[n, g, k, q, p] * column_grad)
+        return ib.get()
+
+    return te.extern([(N, C, HW)], [grad_col, corner_index, corner_weight], body, dtype=geo.dtype,
+                     name="grad_input")
+
+
+@register(BACKWARD_DATA)
+def build_backward_data(wl: Workload) -> OperatorDef:
+    """Kernel arguments: grad_output, input, offset, [mask], weight ->
+    [grad_input (N, C, H*W)] if need_input, [grad_offset, [grad_mask]] if need_sampling."""
+    geo = ConvGeometry(wl)
+    t = Placeholders(geo, with_bias=False)
+    sample = sample_coordinates(geo, t.offset)
+    corner_index = corner_indices(geo, sample)
+    grad_col = column_gradient(geo, t.weight, padded_grad_output(geo, t.grad_output))
+    outputs = []
+    if wl["need_input"]:
+        outputs.append(input_gradient(geo, grad_col, corner_index, corner_weights(geo, sample, t.mask)))
+    if wl["need_sampling"]:
+        sums = corner_sums(geo, t.data, corner_index, grad_col)
+        outputs.append(offset_gradient(geo, sample, sums, t.mask))
+        if t.mask is not None:
+            outputs.append(mask_gradient(geo, sample, sums))
+    return OperatorDef([t.grad_output] + t.sampling_args() + [t.weight] + outputs, num_outputs=len(outputs))
+
+
+@register(BACKWARD_WEIGHT)
+def build_backward_weight(wl: Workload) -> OperatorDef:
+    """Kernel arguments: grad_output, input, offset, [mask] ->
+    [grad_weight (Cout, C/groups*K)] if need_weight, [grad_bias (Cout,)] if with_bias."""
+    geo = ConvGeometry(wl)
+    t = Placeholders(geo, with_bias=False)
+    outputs = []
+    if wl["need_weight"]:
+        corner_index, corner_weight = sampling_stages(geo, t.offset, t.mask)
+        columns = deformable_columns(geo, t.data, corner_index, corner_weight)
+        grad_out = padded_grad_output(geo, t.grad_output)
+        n = te.reduce_axis((0, geo.batch), name="n")
+        p = te.reduce_axis((0, geo.padded_pixels), name="p")
+        outputs.append(te.compute(
+            (geo.out_channels, geo.reduction),
+            lambda co, r: te.sum(
+                grad_out[n, co, p] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=[n, p]),
+            name="grad_weight"))
+    if wl["with_bias"]:
+        n = te.reduce_axis((0, geo.batch), name="n")
+        p = te.reduce_axis((0, geo.pixels), name="p")
+        outputs.append(te.compute((geo.out_channels,), lambda co: te.sum(t.grad_output[n, co, p], axis=[n, p]),
+                                  name="grad_bias"))
+    args = [t.grad_output] + (t.sampling_args() if wl["need_weight"] else [])
+    return OperatorDef(args + outputs, num_outputs=len(outputs))
