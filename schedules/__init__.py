@@ -10,23 +10,33 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Optional
 
-# (operator, target kind) -> module in this package defining ``schedule``.
+# (operator, target kind) -> "module" (its function ``schedule``) or "module:function" in this package.
 _SCHEDULES = {
     ("deform_conv2d", "llvm"): "cpu_deform_conv2d",
+    ("deform_conv2d_backward_data", "llvm"): "cpu_deform_conv2d:schedule_backward_data",
+    ("deform_conv2d_backward_weight", "llvm"): "cpu_deform_conv2d:schedule_backward_weight",
 }
+
+
+def _entry(op: str, target_kind: str) -> Optional[tuple[str, str]]:
+    spec = _SCHEDULES.get((op, target_kind))
+    if spec is None:
+        return None
+    module, _, function = spec.partition(":")
+    return module, function or "schedule"
 
 
 def find(op: str, target_kind: str) -> Optional[Callable]:
     """The hand schedule of ``op`` for ``target_kind`` ('llvm', 'cuda'), or None."""
-    name = _SCHEDULES.get((op, target_kind))
-    if name is None:
+    entry = _entry(op, target_kind)
+    if entry is None:
         return None
-    return importlib.import_module(f"{__name__}.{name}").schedule
+    return getattr(importlib.import_module(f"{__name__}.{entry[0]}"), entry[1])
 
 
 def source_file(op: str, target_kind: str) -> Optional[str]:
     """Path of the module holding the hand schedule (its bytes fingerprint cached kernels)."""
-    name = _SCHEDULES.get((op, target_kind))
-    if name is None:
+    entry = _entry(op, target_kind)
+    if entry is None:
         return None
-    return importlib.import_module(f"{__name__}.{name}").__file__
+    return importlib.import_module(f"{__name__}.{entry[0]}").__file__

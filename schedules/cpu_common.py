@@ -37,3 +37,56 @@ def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int) -> None:
     sch.parallel(outer)
     _, inner = sch.split(loops[-1], [None, lanes])
     sch.vectorize(inner)
+
+
+# A (rows x lanes) accumulator tile must fit the 16 vector registers of AVX2 with room for loads.
+ACCUMULATOR_VECTORS = 8
+# Output rows (channels) per parallel task of a GEMM: its weight slice stays in L2.
+ROW_BLOCK = 64
+
+
+def core_count(target) -> int:
+    return int(target.attrs.get("num-cores", 1) or 1)
+
+
+def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
+                 cores: int) -> None:
+    """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
+
+    Each (rows x lanes) output tile stays in vector registers across the whole reduction, fed by
+    one broadcast per row and one vector load per reduction step; tiles are grouped into blocks of
+    rows x pixels distributed over cores. Tiles never straddle a group of ``group_rows`` rows (a
+    convolution group reads another slice of its operands). ``batch_rows``: batch x rows, the
+    number of rows over all parallel tasks.
+    """
+    rows = largest_divisor(group_rows, ACCUMULATOR_VECTORS)
+    block_rows = largest_divisor(group_rows, ROW_BLOCK, multiple_of=rows)
+    if block_rows % rows:
+        block_rows = rows
+    # Enough parallel tasks for every core: split pixels only when row blocks are too few.
+    row_blocks = batch_rows // block_rows
+    pixel_blocks = 1
+    while row_blocks * pixel_blocks < 4 * cores and pixel_vectors % (pixel_blocks * 2) == 0:
+        pixel_blocks *= 2
+
+    gemm = sch.get_sblock(block)
+    loops = sch.get_loops(gemm)
+    n, row, p, reduction = loops[0], loops[1], loops[2], loops[3:]
+    row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
+    p_outer, p_mid, p_inner = sch.split(p, [pixel_blocks, None, lanes])
+    sch.reorder(n, row_outer, p_outer, row_mid, p_mid, *reduction, row_inner, p_inner)
+    sch.parallel(sch.fuse(n, row_outer, p_outer))
+    accumulator = sch.cache_write(gemm, 0, "local")
+    sch.reverse_compute_at(accumulator, p_mid)
+    sch.unroll(row_inner)
+    sch.vectorize(p_inner)  # before decompose_reduction: it needs the complete reduction block
+    sch.decompose_reduction(gemm, reduction[0])
+    acc_loops = sch.get_loops(accumulator)
+    sch.unroll(acc_loops[-2])
+    sch.vectorize(acc_loops[-1])
+
+
+def parallel_rows(sch, block: str, parallel_axes: int = 2) -> None:
+    """Fuse the first ``parallel_axes`` loops into one parallel loop (for small, unaligned stages)."""
+    loops = sch.get_loops(sch.get_sblock(block))
+    sch.parallel(sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0])

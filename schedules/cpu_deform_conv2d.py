@@ -1,63 +1,100 @@
-"""CPU hand schedule for the deformable convolution forward (``tvm_dcn/ops/deform_conv.py``).
+"""CPU hand schedules for the deformable convolution, forward and backward
+(``tvm_dcn/ops/deform_conv.py``; blocks are addressed by its stage names).
 
 - Sampling stages (coordinates, corner indices/weights): parallel over (batch, offset group, tap),
   vectorised along output pixels.
 - Deformable im2col: parallel over (batch, channel*tap) rows, vectorised along pixels (the four
   corner reads are gathers; their indices and weights are contiguous vectors).
-- GEMM: a register-blocked micro-kernel. Each (co_inner x lanes) tile of the output stays in
-  vector registers across the whole reduction, fed by one broadcast weight per row and one vector
-  of columns per reduction step (8 FMAs per 9 loads on AVX2); tiles are grouped into blocks of
-  output channels x pixels, distributed over cores.
+- GEMMs (forward output, column gradient, weight gradient): register-blocked micro-kernels
+  (``cpu_common.blocked_gemm``): a (rows x lanes) output tile stays in vector registers across
+  the reduction.
+- Input gradient: the scatter stage parallelises itself over (batch, channel) planes.
 """
 from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .cpu_common import largest_divisor, parallel_vectorize, vector_lanes
-
-# A (rows x lanes) accumulator tile must fit the 16 vector registers of AVX2 with room for loads.
-_ACCUMULATOR_VECTORS = 8
-_CHANNEL_BLOCK = 64
+from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, largest_divisor, parallel_rows,
+                         parallel_vectorize, vector_lanes)
 
 
-def schedule(sch: Schedule, workload, target) -> None:
+def _geometry(workload, target):
     from tvm_dcn.ops.deform_conv import SPATIAL_ALIGN, ConvGeometry
 
     geo = ConvGeometry(workload)
-    lanes = min(vector_lanes(geo.dtype, target), SPATIAL_ALIGN)
+    return geo, min(vector_lanes(geo.dtype, target), SPATIAL_ALIGN)
 
-    for block in ("sample_coord", "corner_index", "corner_weight"):
+
+def _sampling(sch: Schedule, lanes: int, *, weights: bool = True) -> None:
+    blocks = ("sample_coord", "corner_index") + (("corner_weight",) if weights else ())
+    for block in blocks:
         parallel_vectorize(sch, block, parallel_axes=3, lanes=lanes)
+
+
+def _columns(sch: Schedule, lanes: int) -> None:
+    _sampling(sch, lanes)
     parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes)
 
-    # GEMM micro-kernel: one pixel vector wide, `rows` output channels tall. Tiles never straddle
-    # a convolution group (its columns come from another slice of deform_col).
-    rows = largest_divisor(geo.group_out_channels, _ACCUMULATOR_VECTORS)
-    block_rows = largest_divisor(geo.group_out_channels, _CHANNEL_BLOCK, multiple_of=rows)
-    if block_rows % rows:
-        block_rows = rows
-    pixel_vectors = geo.padded_pixels // lanes
-    # Enough parallel tasks for every core: split pixels only when channel blocks are too few.
-    cores = int(target.attrs.get("num-cores", 1) or 1)
-    channel_blocks = geo.batch * geo.out_channels // block_rows
-    pixel_blocks = 1
-    while channel_blocks * pixel_blocks < 4 * cores and pixel_vectors % (pixel_blocks * 2) == 0:
-        pixel_blocks *= 2
 
-    gemm = sch.get_sblock("gemm")
-    n, co, p, r = sch.get_loops(gemm)
-    co_outer, co_mid, co_inner = sch.split(co, [None, block_rows // rows, rows])
-    p_outer, p_mid, p_inner = sch.split(p, [pixel_blocks, None, lanes])
-    sch.reorder(n, co_outer, p_outer, co_mid, p_mid, r, co_inner, p_inner)
-    sch.parallel(sch.fuse(n, co_outer, p_outer))
-    accumulator = sch.cache_write(gemm, 0, "local")
-    sch.reverse_compute_at(accumulator, p_mid)
-    sch.unroll(co_inner)
-    sch.vectorize(p_inner)  # before decompose_reduction: it needs the complete reduction block
-    sch.decompose_reduction(gemm, r)
-    acc_loops = sch.get_loops(accumulator)
-    sch.unroll(acc_loops[-2])
-    sch.vectorize(acc_loops[-1])
+def schedule(sch: Schedule, workload, target) -> None:
+    """deform_conv2d: sampling, deformable im2col, output GEMM, bias."""
+    geo, lanes = _geometry(workload, target)
+    _columns(sch, lanes)
+    blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
+                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target))
+    parallel_rows(sch, "output")
 
-    out_loops = sch.get_loops(sch.get_sblock("output"))
-    sch.parallel(sch.fuse(out_loops[0], out_loops[1]))
+
+def schedule_backward_data(sch: Schedule, workload, target) -> None:
+    """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
+    sums that give the offset and mask gradients."""
+    geo, lanes = _geometry(workload, target)
+    _sampling(sch, lanes, weights=workload["need_input"])
+    parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
+    blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
+                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target))
+    if workload["need_sampling"]:
+        # Loops (n, g, k, q, p, ci): one task per (n, g, k, q); each lanes-wide pixel vector
+        # accumulates over the channels in registers.
+        block = sch.get_sblock("corner_sum")
+        n, g, k, q, p, ci = sch.get_loops(block)
+        p_outer, p_inner = sch.split(p, [None, lanes])
+        sch.reorder(n, g, k, q, p_outer, ci, p_inner)
+        sch.parallel(sch.fuse(n, g, k, q))
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, p_outer)
+        sch.vectorize(p_inner)
+        sch.decompose_reduction(block, ci)
+        sch.vectorize(sch.get_loops(accumulator)[-1])
+        parallel_rows(sch, "grad_offset")
+        if geo.with_mask:
+            parallel_rows(sch, "grad_mask")
+
+
+def schedule_backward_weight(sch: Schedule, workload, target) -> None:
+    """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
+    grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""
+    geo, lanes = _geometry(workload, target)
+    if workload["need_weight"]:
+        _columns(sch, lanes)
+        parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
+        # Pixel-major columns: the GEMM then reads lanes consecutive rows of one pixel per step.
+        sch.transform_layout(sch.get_sblock("deform_col"), ("write", 0), lambda n, row, p: (n, p, row))
+        rows = largest_divisor(geo.group_out_channels, ACCUMULATOR_VECTORS)
+        r_lanes = largest_divisor(geo.reduction, lanes)
+        block = sch.get_sblock("grad_weight")
+        co, r, n, p = sch.get_loops(block)
+        co_outer, co_inner = sch.split(co, [None, rows])
+        r_outer, r_inner = sch.split(r, [None, r_lanes])
+        sch.reorder(co_outer, r_outer, n, p, co_inner, r_inner)
+        sch.parallel(sch.fuse(co_outer, r_outer))
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, sch.get_loops(block)[0])
+        sch.unroll(co_inner)
+        sch.vectorize(r_inner)
+        sch.decompose_reduction(block, n)
+        acc_loops = sch.get_loops(accumulator)
+        sch.unroll(acc_loops[-2])
+        sch.vectorize(acc_loops[-1])
+    if workload["with_bias"]:
+        sch.parallel(sch.get_loops(sch.get_sblock("grad_bias"))[0])
