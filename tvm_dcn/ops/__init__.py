@@ -50,3 +50,4 @@ def build(workload: Workload) -> OperatorDef:
 
 
 from . import deform_conv  # noqa: E402,F401  (registers its operators)
+from . import roi_align, deform_roi_pool  # noqa: E402,F401  (RoI pooling family)
