@@ -15,6 +15,20 @@ _SCHEDULES = {
     ("deform_conv2d", "llvm"): "cpu_deform_conv2d",
     ("deform_conv2d_backward_data", "llvm"): "cpu_deform_conv2d:schedule_backward_data",
     ("deform_conv2d_backward_weight", "llvm"): "cpu_deform_conv2d:schedule_backward_weight",
+    ("roi_align", "llvm"): "cpu_roi_align:schedule_roi_align",
+    ("roi_align_backward", "llvm"): "cpu_roi_align:schedule_backward",
+    ("ps_roi_align", "llvm"): "cpu_roi_align:schedule_ps_roi_align",
+    ("ps_roi_align_backward", "llvm"): "cpu_roi_align:schedule_backward",
+    ("roi_pool", "llvm"): "cpu_roi_align:schedule_roi_pool",
+    ("roi_pool_backward", "llvm"): "cpu_roi_align:schedule_backward",
+    ("ps_roi_pool", "llvm"): "cpu_roi_align:schedule_ps_roi_pool",
+    ("ps_roi_pool_backward", "llvm"): "cpu_roi_align:schedule_backward",
+    ("deform_roi_pool", "llvm"): "cpu_roi_align:schedule_deform_roi_pool",
+    ("deform_roi_pool_backward", "llvm"): "cpu_roi_align:schedule_backward",
+    ("deform_roi_pool_backward_params", "llvm"): "cpu_roi_align:schedule_params_backward",
+    ("deform_psroi_pool", "llvm"): "cpu_roi_align:schedule_deform_psroi_pool",
+    ("deform_psroi_pool_backward", "llvm"): "cpu_roi_align:schedule_backward",
+    ("deform_psroi_pool_backward_params", "llvm"): "cpu_roi_align:schedule_params_backward",
 }
 
 

@@ -59,9 +59,11 @@ FLT_MAX = 3.4028234663852886e38
 MIN_ROI_BUCKET = 16
 # Adaptive sampling beyond this many samples per bin and axis is refused (the tables would be huge).
 MAX_GRID = 1024
-# Channel planes per backward task: bounded so that the planes of a task stay in the L2 cache.
-_SCATTER_PLANE_BYTES = 256 * 1024
-_SCATTER_MAX_BLOCK = 8
+# Channels per backward task: a task's accumulator (pixels x channels) should stay in the L2
+# cache, and there should be enough tasks for the cores.
+_SCATTER_PLANE_BYTES = 512 * 1024
+_SCATTER_MAX_BLOCK = 64
+_SCATTER_MIN_TASKS = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,12 +183,14 @@ class RoIShape:
         return data, rois, scalars
 
 
-def scatter_channel_block(channels: int, pixels: int, dtype: str) -> int:
-    """Channel planes per backward task: a divisor of ``channels``, at most 8, whose planes fit
-    in ``_SCATTER_PLANE_BYTES``."""
+def scatter_channel_block(batch: int, channels: int, pixels: int, dtype: str) -> int:
+    """Channels per backward task: the largest divisor of ``channels`` that is at most
+    ``_SCATTER_MAX_BLOCK``, leaves at least ``_SCATTER_MIN_TASKS`` tasks and whose planes fit in
+    ``_SCATTER_PLANE_BYTES`` (one channel at least)."""
     plane = pixels * (8 if dtype == "float64" else 4)
-    limit = max(1, min(_SCATTER_MAX_BLOCK, _SCATTER_PLANE_BYTES // max(plane, 1)))
-    for block in range(min(limit, channels), 0, -1):
+    limit = min(_SCATTER_MAX_BLOCK, _SCATTER_PLANE_BYTES // max(plane, 1),
+                max(1, batch * channels // _SCATTER_MIN_TASKS))
+    for block in range(max(1, min(limit, channels)), 0, -1):
         if channels % block == 0:
             return block
     return 1
@@ -298,11 +302,13 @@ class AxisTable:
         self.position, self.active, self.rule, self.scale = position, active, rule, scale
         self.extent = s.extent(axis)
         self.stride = s.width if axis == 0 else 1
+        # Positions in a stage of their own keep the table expressions shallow.
+        self.pos = te.compute(self.shape[:4], position, name=f"{name}_position")
         self.index = te.compute(self.shape, self._index, name=f"{name}_index")
         self.weight = te.compute(self.shape, self._weight, name=f"{name}_weight")
 
     def interpolation(self, r, ph, pw, i) -> Interpolation:
-        return Interpolation(self.position(r, ph, pw, i), self.extent, self.rule, self.s.dtype)
+        return Interpolation(self.pos[r, ph, pw, i], self.extent, self.rule, self.s.dtype)
 
     def _index(self, r, ph, pw, i, a):
         interp = self.interpolation(r, ph, pw, i)
@@ -364,10 +370,14 @@ def bilinear_gather(name: str, shape, data, y: AxisTable, x: AxisTable, locate: 
 
 
 def lookup(values: Sequence[int], index):
-    """``values[index]`` for a TE/TIR index expression (a select chain over a short Python list)."""
+    """``values[index]`` for a TE/TIR index expression: ``index`` itself for the identity, else a
+    select chain over the short Python list (selects keep the result's bounds provable)."""
+    values = list(values)
+    if values == list(range(len(values))):
+        return index
     expr = tirx.const(values[-1], "int32")
     for i in range(len(values) - 2, -1, -1):
-        expr = te.if_then_else(index == i, values[i], expr)
+        expr = tirx.Select(index == i, tirx.const(values[i], "int32"), expr)
     return expr
 
 
@@ -376,46 +386,54 @@ def _region(buf):
 
 
 def scatter_bilinear_blocked(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid: te.Tensor,
-                             y: AxisTable, x: AxisTable, y_weight: Optional[te.Tensor] = None) -> te.Tensor:
+                             y: AxisTable, x: AxisTable) -> te.Tensor:
     """Input gradient (N, C, H*W) of a bilinear gather whose output channel c reads input
     channel c, row k of the tables (RoI Align, deformable RoI pooling): the adjoint scatter.
 
-    One parallel task per (batch, block of channels); it walks the RoIs of its batch image, their
-    bins and samples, and adds ``weight * grad`` to the four corners of each sample in each of
-    its planes. ``grid`` (R, 2) gives the active samples per axis."""
+    One parallel task per (batch, block of channels). It accumulates in a channels-last scratch
+    (H*W, block): for each RoI of its image, bin and active sample (``grid`` (R, 2)), it loads the
+    block's output gradients once and adds ``weight * grad`` to the four corners, each a
+    contiguous vector update; the scratch is transposed into the planes at the end.
+    """
     N, C, P, dtype = s.batch, s.channels, s.pixels, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
-    block = scatter_channel_block(C, P, dtype)
+    block = scatter_channel_block(N, C, P, dtype)
     blocks = C // block
-    yw_t = y.weight if y_weight is None else y_weight
     at_y, at_x = y.at, x.at
 
     @T.prim_func(private=True, s_tir=True)
     def scatter(g: T.Buffer(grad.shape, dtype), bidx: T.Buffer(batch_index.shape, "int32"),
                 grd: T.Buffer(grid.shape, "int32"), yi: T.Buffer(y.index.shape, "int32"),
-                yw: T.Buffer(yw_t.shape, dtype), xi: T.Buffer(x.index.shape, "int32"),
+                yw: T.Buffer(y.weight.shape, dtype), xi: T.Buffer(x.index.shape, "int32"),
                 xw: T.Buffer(x.weight.shape, dtype), out: T.Buffer((N, C, P), dtype)):
         for task in T.parallel(N * blocks):
             with T.sblock("scatter"):
                 T.reads(_region(g), _region(bidx), _region(grd), _region(yi), _region(yw), _region(xi),
                         _region(xw))
                 T.writes(out[task // blocks, (task % blocks) * block:(task % blocks) * block + block, 0:P])
+                acc = T.sblock_alloc_buffer((P, block), dtype)
+                bin_grad = T.sblock_alloc_buffer((block,), dtype)
                 b = task // blocks
                 c0 = (task % blocks) * block
-                for ci, p in T.grid(block, P):
-                    out[b, c0 + ci, p] = T.cast(0, dtype)
+                for p in range(P):
+                    for ci in T.vectorized(block):
+                        acc[p, ci] = T.cast(0, dtype)
                 for k in range(R):
                     if bidx[k] == b:
                         for ph, pw in T.grid(PH, PW):
+                            for ci in range(block):
+                                bin_grad[ci] = g[k, c0 + ci, ph, pw]
                             for iy in range(grd[k, 0]):
                                 for ix in range(grd[k, 1]):
                                     for a, bb in T.grid(2, 2):
                                         idx = at_y(yi, k, ph, pw, iy, a) + at_x(xi, k, ph, pw, ix, bb)
                                         w = at_y(yw, k, ph, pw, iy, a) * at_x(xw, k, ph, pw, ix, bb)
-                                        for ci in range(block):
-                                            out[b, c0 + ci, idx] = out[b, c0 + ci, idx] + w * g[k, c0 + ci, ph, pw]
+                                        for ci in T.vectorized(block):
+                                            acc[idx, ci] = acc[idx, ci] + w * bin_grad[ci]
+                for ci, p in T.grid(block, P):
+                    out[b, c0 + ci, p] = acc[p, ci]
 
-    return te.extern_primfunc([grad, batch_index, grid, y.index, yw_t, x.index, x.weight], scatter)
+    return te.extern_primfunc([grad, batch_index, grid, y.index, y.weight, x.index, x.weight], scatter)
 
 
 class PositionSensitiveMap:
@@ -664,7 +682,7 @@ def build_roi_pool_backward(wl: Workload) -> OperatorDef:
     batch_index = roi_batch_index(s, rois)
     N, C, P, dtype = s.batch, s.channels, s.pixels, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
-    block = scatter_channel_block(C, P, dtype)
+    block = scatter_channel_block(N, C, P, dtype)
     blocks = C // block
 
     @T.prim_func(private=True, s_tir=True)

@@ -1,0 +1,146 @@
+"""CPU hand schedules for the RoI pooling family (``tvm_dcn/ops/roi_align.py``, ``deform_roi_pool.py``).
+
+Gathers (the forward ``output`` stage of RoI Align, PS RoI Align, deformable RoI pooling and
+deformable PS RoI pooling; the average of PS RoI Pool):
+
+- The input is copied channels-last, (N, H*W, C) (position-sensitive operators: (N, groups, H*W,
+  C / groups), so that the channels one group of bins reads are contiguous): a cached read with
+  a layout transformation, done once per call, in parallel.
+- Loops become (RoI, bin row, bin column, channel block, samples..., channel vector): the
+  interpolation weights of a sample are computed once per channel block, and each of its four
+  corners is one vector load and FMA per vector of channels. A block of ``2 x lanes`` channels
+  accumulates in registers (a local cache of the output) across the samples of a bin.
+- RoIs are distributed over the cores.
+
+RoI Pool's max reduction also yields the argmax, two outputs that a local accumulator cannot
+cache: it keeps the planes' layout (a bin's rows are contiguous) with (RoI, channel) in parallel.
+
+Interpolation tables and the other per-RoI stages are small: parallel over RoIs. The backward
+scatters are TVMScript stages that carry their own parallel loops; the gathers of the offset/mask/
+trans gradients are parallel over table rows and read the channels-last input.
+"""
+from __future__ import annotations
+
+from tvm.s_tir import Schedule
+
+from .cpu_common import largest_divisor, vector_lanes
+
+# Stages indexed by RoI (or table row) first: parallel over it.
+_ROW_STAGES = ("roi_batch", "roi_geometry", "roi_grid", "roi_inv_count", "y_position", "x_position", "y_index",
+               "y_weight", "x_index", "x_weight", "y_count", "x_count", "y_inv_count", "x_inv_count", "y_slope",
+               "x_slope", "y_weight_unmasked", "row_bins", "col_bins", "sample_grad", "grad_offset", "grad_mask",
+               "grad_trans", "bin_share", "output", "argmax")
+
+
+def _blocks(sch: Schedule, names) -> list:
+    found = []
+    for name in names:
+        try:
+            found.append(sch.get_sblock(name))
+        except Exception:  # the stage does not exist in this operator  # noqa: BLE001
+            continue
+    return found
+
+
+def parallel_rows(sch: Schedule, names=_ROW_STAGES) -> None:
+    """Parallelise the outermost loop of each existing stage in ``names``."""
+    for block in _blocks(sch, names):
+        sch.parallel(sch.get_loops(block)[0])
+
+
+def _read_index(sch: Schedule, block, buffer_name: str) -> int:
+    for i, region in enumerate(sch.get(block).reads):
+        if region.source.name == buffer_name:
+            return i
+    raise LookupError(f"block does not read {buffer_name}")
+
+
+def channels_last_input(sch: Schedule, block, groups: int = 1):
+    """Cache ``input`` (N, C, H*W) for ``block`` as (N, groups, H*W, C / groups): channel
+    ``c`` at [c % groups, ..., c // groups]. The copy is parallel over (batch, group, pixel) and
+    writes contiguous channel runs."""
+    cached = sch.cache_read(block, _read_index(sch, block, "input"), "global")
+    if groups == 1:
+        sch.transform_layout(cached, ("write", 0), lambda n, c, p: (n, p, c))
+        n, c, p = sch.get_loops(cached)
+        sch.reorder(n, p, c)
+        sch.parallel(sch.fuse(n, p))
+    else:
+        sch.transform_layout(cached, ("write", 0), lambda n, c, p: (n, c % groups, p, c // groups))
+        n, c, p = sch.get_loops(cached)
+        c_hi, c_lo = sch.split(c, [None, groups])
+        sch.reorder(n, c_lo, p, c_hi)
+        sch.parallel(sch.fuse(n, c_lo, p))
+    return cached
+
+
+def vector_gather(sch: Schedule, name: str, channels: int, dtype: str, target, reductions: int = 2) -> None:
+    """Schedule a gather stage with loops (RoI, channel, ph, pw, reduction x ``reductions``):
+    channel vectors innermost, accumulated in registers across the reduction, RoIs in parallel."""
+    block = sch.get_sblock(name)
+    loops = sch.get_loops(block)
+    k, c, ph, pw = loops[:4]
+    reduction = loops[4:4 + reductions]
+    lanes = largest_divisor(channels, vector_lanes(dtype, target))
+    vectors = 2 if channels % (2 * lanes) == 0 else 1
+    c_block, c_vec, c_lane = sch.split(c, [None, vectors, lanes])
+    sch.reorder(k, ph, pw, c_block, *reduction, c_vec, c_lane)
+    accumulator = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulator, c_block)
+    sch.unroll(c_vec)
+    if lanes > 1:
+        sch.vectorize(c_lane)
+    sch.parallel(k)
+    sch.decompose_reduction(block, reduction[0])
+
+
+def _schedule_forward(sch: Schedule, workload, target, groups: int, channels: int, reduce_block: str = "output",
+                      reductions: int = 2) -> None:
+    channels_last_input(sch, sch.get_sblock(reduce_block), groups)
+    vector_gather(sch, reduce_block, channels, workload.dtype, target, reductions)
+    parallel_rows(sch, [n for n in _ROW_STAGES if n != reduce_block])
+
+
+def schedule_roi_align(sch: Schedule, workload, target) -> None:
+    _schedule_forward(sch, workload, target, 1, workload["channels"])
+
+
+def schedule_ps_roi_align(sch: Schedule, workload, target) -> None:
+    ph, pw = workload["output_size"]
+    _schedule_forward(sch, workload, target, ph * pw, workload["channels"] // (ph * pw))
+
+
+def schedule_deform_roi_pool(sch: Schedule, workload, target) -> None:
+    _schedule_forward(sch, workload, target, 1, workload["channels"])
+
+
+def schedule_deform_psroi_pool(sch: Schedule, workload, target) -> None:
+    group = workload["group_size"]
+    _schedule_forward(sch, workload, target, group * group, workload["output_dim"])
+
+
+def schedule_roi_pool(sch: Schedule, workload, target) -> None:
+    """Max pooling with argmax (a two-output reduction, which a local cache cannot hold): planes
+    in their own layout, whose bin rows are contiguous; (RoI, channel) pairs in parallel."""
+    loops = sch.get_loops(sch.get_sblock("pool_max"))
+    sch.parallel(sch.fuse(loops[0], loops[1]))
+    parallel_rows(sch, [n for n in _ROW_STAGES if n != "pool_max"])
+
+
+def schedule_ps_roi_pool(sch: Schedule, workload, target) -> None:
+    ph, pw = workload["output_size"]
+    _schedule_forward(sch, workload, target, ph * pw, workload["channels"] // (ph * pw), reduce_block="pool_sum")
+
+
+def schedule_backward(sch: Schedule, workload, target) -> None:
+    """Backward scatters: the TVMScript stage is parallel already; the tables feeding it too."""
+    parallel_rows(sch)
+
+
+def schedule_params_backward(sch: Schedule, workload, target) -> None:
+    """Offset/mask/trans gradients: per-corner channel sums read the input channels-last, in
+    parallel over table rows; the weighting stages are small."""
+    corner = sch.get_sblock("corner_grad")
+    channels_last_input(sch, corner, 1)
+    sch.parallel(sch.get_loops(corner)[0])
+    parallel_rows(sch)
