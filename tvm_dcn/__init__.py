@@ -36,6 +36,11 @@ __all__ = [
     "Workload", "Kernel", "compile", "clear_memory_cache", "cache_dir", "host_target", "target_tag",
     "deform_conv2d", "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "DCN", "DCNv2",
 ]
+# RoI pooling family (tvm_dcn/roi.py), imported lazily.
+_ROI_NAMES = ("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool",
+              "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "DeformRoIPool", "DeformRoIPoolPack",
+              "ModulatedDeformRoIPoolPack", "DeformRoIPooling", "DeformRoIPoolingPack", "benchmark_roi_align")
+__all__ += list(_ROI_NAMES)
 
 
 def __getattr__(name):
@@ -44,4 +49,8 @@ def __getattr__(name):
         from . import modules
 
         return getattr(modules, name)
+    if name in _ROI_NAMES:
+        from . import roi
+
+        return getattr(roi, name)
     raise AttributeError(f"module 'tvm_dcn' has no attribute {name!r}")
