@@ -151,3 +151,29 @@ def deform_psroi_pool(input, rois, trans, spatial_scale, output_dim, group_size,
             rows.append(torch.stack(bins).view(P, P))
         result.append(torch.stack(rows))
     return torch.stack(result) if result else out
+
+
+def make_boxes(generator: torch.Generator, batch: int, image_hw, count: int = 10, dtype=torch.float32):
+    """(K, 5) test boxes in image coordinates for a batch of ``batch`` images of ``image_hw``:
+    ``count`` random boxes inside the image plus the edge cases every operator must handle (partly
+    and fully outside, zero width/height, inverted, tiny, covering the whole image, coordinates on
+    half pixels for the integer rounding of RoI Pool)."""
+    h, w = image_hw
+    xy = torch.rand(count, 2, generator=generator, dtype=torch.float64) * torch.tensor([w * 0.8, h * 0.8])
+    wh = torch.rand(count, 2, generator=generator, dtype=torch.float64) * torch.tensor([w * 0.6, h * 0.6]) + 1
+    random = torch.cat([xy, xy + wh], dim=1)
+    special = torch.tensor([
+        [-6.0, -4.0, 0.45 * w, 0.4 * h],          # partly outside (top left)
+        [0.7 * w, 0.6 * h, 1.4 * w, 1.3 * h],     # partly outside (bottom right)
+        [1.5 * w, 1.5 * h, 1.8 * w, 1.9 * h],     # fully outside
+        [-20.0, -20.0, -10.0, -12.0],             # fully outside, negative
+        [0.3 * w, 0.3 * h, 0.3 * w, 0.3 * h],     # a point
+        [0.2 * w, 0.25 * h, 0.2 * w, 0.7 * h],    # zero width
+        [0.6 * w, 0.6 * h, 0.2 * w, 0.3 * h],     # inverted
+        [3.2, 3.3, 3.45, 3.5],                    # tiny
+        [-2.0, -2.0, w + 2.0, h + 2.0],           # covers the image
+        [3.0, 5.0, 9.0, 13.0],                    # half pixels after scaling by 0.5
+    ], dtype=torch.float64)
+    coords = torch.cat([random, special])
+    index = torch.randint(0, batch, (coords.shape[0], 1), generator=generator).to(torch.float64)
+    return torch.cat([index, coords], dim=1).to(dtype)
