@@ -3,10 +3,12 @@
     tvm-dcn info                      target, target tag, cache and tuning-record locations
     tvm-dcn bench [--output PATH]     forward deformable conv on the local CPU vs torchvision and
                                       dense conv2d (default / hand / tuned tvm-dcn kernels)
+    tvm-dcn tune [--workloads SET]    MetaSchedule tuning; records to tuning_logs/<target-tag>/
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -39,6 +41,28 @@ def _bench(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from . import tune, workloads  # noqa: PLC0415
+
+    wls = []
+    for name in args.workloads:
+        wls += workloads.load(name)
+    if args.only:
+        wls = [wl for wl in wls if wl.op in args.only]
+        if not wls:
+            raise SystemExit(f"tvm-dcn tune: no workload of the set has an operator in {args.only}")
+    target = json.loads(args.target) if args.target else None
+    result = tune.tune(wls, target, trials_per_task=args.trials_per_task, work_dir=args.work_dir,
+                       output_dir=args.output, export=not args.no_export, rpc_tracker=args.rpc_tracker,
+                       rpc_key=args.rpc_key, num_trials_per_iter=args.trials_per_round,
+                       population=args.population, genetic_iters=args.genetic_iters, seed=args.seed,
+                       set_names=[n for n in args.workloads if n in workloads.SETS])
+    print(tune.format_results(result))
+    if result.output_dir:
+        print(f"records written to {result.output_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tvm-dcn", description="tvm-dcn: deformable convolution in Apache TVM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +72,23 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--repeats", type=int, default=20, help="timed repeats per candidate (median reported)")
     bench_parser.add_argument("--no-default", action="store_true", help="skip the slow unscheduled kernels")
     bench_parser.set_defaults(func=_bench)
+    tune_parser = sub.add_parser("tune", help="auto-schedule a workload set with MetaSchedule and export the records")
+    tune_parser.add_argument("--workloads", nargs="+", default=["resnet50-dcn-224"],
+                             help="built-in set names or JSON/TOML workload files (default: resnet50-dcn-224)")
+    tune_parser.add_argument("--only", nargs="+", help="tune only these operators (e.g. deform_conv2d)")
+    tune_parser.add_argument("--target", help="TVM target as JSON (default: this CPU)")
+    tune_parser.add_argument("--trials-per-task", type=int, default=256, help="measured candidates per workload")
+    tune_parser.add_argument("--trials-per-round", type=int, default=32, help="candidates measured per search round")
+    tune_parser.add_argument("--population", type=int, default=256, help="evolutionary search population")
+    tune_parser.add_argument("--genetic-iters", type=int, default=3, help="evolution iterations per round")
+    tune_parser.add_argument("--work-dir", help="MetaSchedule database of all trials (default tvm-dcn-tuning/<tag>); "
+                                                "re-running resumes from it")
+    tune_parser.add_argument("--output", help="where to export the best records (default tuning_logs/<tag>)")
+    tune_parser.add_argument("--no-export", action="store_true", help="only tune; do not touch tuning_logs")
+    tune_parser.add_argument("--rpc-tracker", help="measure on RPC servers registered at this tracker, HOST:PORT")
+    tune_parser.add_argument("--rpc-key", help="device key of the RPC servers")
+    tune_parser.add_argument("--seed", type=int, default=0)
+    tune_parser.set_defaults(func=_tune)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -13,6 +13,7 @@ library (the worst case is two processes compiling the same kernel once each).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 import tvm
 from tvm import te
 
-from . import __version__, ops
+from . import __version__, ops, workloads
 from .target import TargetLike, as_target, target_tag
 from .workload import Workload
 
@@ -77,6 +78,28 @@ _memory_lock = threading.Lock()
 _build_locks: dict[tuple, threading.Lock] = {}
 
 
+class _PreferredSchedule(threading.local):
+    source: Optional[str] = None
+
+
+_preferred_schedule = _PreferredSchedule()
+
+
+@contextlib.contextmanager
+def forced_schedule(source: Optional[str]):
+    """Within this context (this thread), kernels requested without an explicit ``schedule`` use
+    ``source`` ("tuned", "hand", "default"; None: the best available). For benchmarks comparing
+    schedule sources through the PyTorch functions, e.g. forward and backward together."""
+    if source is not None and source not in SCHEDULE_SOURCES:
+        raise ValueError(f"schedule must be one of {SCHEDULE_SOURCES} or None, got {source!r}")
+    previous = _preferred_schedule.source
+    _preferred_schedule.source = source
+    try:
+        yield
+    finally:
+        _preferred_schedule.source = previous
+
+
 def clear_memory_cache() -> None:
     """Forget kernels compiled or loaded by this process (the disk cache is kept)."""
     with _memory_lock:
@@ -95,6 +118,8 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
         raise TypeError(f"workload must be a tvm_dcn.Workload, got {type(workload).__name__}")
     if schedule is not None and schedule not in SCHEDULE_SOURCES:
         raise ValueError(f"schedule must be one of {SCHEDULE_SOURCES} or None, got {schedule!r}")
+    workloads.note(workload)
+    schedule = schedule or _preferred_schedule.source
     target = as_target(target)
     key = (workload, json.dumps(target.export(), sort_keys=True, default=str), schedule)
     kernel = _memory_cache.get(key)

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def records_root() -> Path:

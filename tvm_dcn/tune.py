@@ -1,0 +1,351 @@
+"""Auto-scheduling with MetaSchedule: tune a workload set for a target, export committed records.
+
+    tvm_dcn.tune.tune(tvm_dcn.workloads.load("resnet50-dcn-224"), trials_per_task=256)
+    tvm-dcn tune --workloads resnet50-dcn-224 --trials-per-task 256
+
+How a run goes:
+
+1. Every distinct workload of the set is a task, weighted by how often the set runs it.
+2. The work dir (default ``tvm-dcn-tuning/<target-tag>/``) holds a MetaSchedule JSON database of
+   every measured candidate. A task that has no record yet is first *seeded* with its hand
+   schedule (``schedules/``), measured like any candidate, so the best record is never worse
+   than the hand schedule and the evolutionary search starts from it.
+3. MetaSchedule searches (post-order-apply design spaces, evolutionary search, XGBoost cost
+   model, gradient task scheduler) until each task has ``trials_per_task`` measured records.
+   Runs are resumable: records already in the work dir count, so re-running with the same budget
+   does nothing and a larger budget continues the search.
+4. The best record of each workload is exported to ``<output>/`` (default: the package's
+   ``tuning_logs/<target-tag>/``): ``database_workload.json`` and ``database_tuning_record.json``
+   (one record per workload, sorted by workload, so diffs are readable) and ``manifest.json``
+   (target, versions, date, trials and measured latencies). Records of other workloads already
+   in that folder are kept.
+
+Measurements run on this machine, or through a TVM RPC tracker (``rpc_tracker="host:port"``,
+``rpc_key``) on whatever servers registered with it under that key.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import tvm
+
+from . import __version__
+from .kernel import ir_module
+from .target import TargetLike, as_target, target_tag
+from .tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, records_dir
+from .workload import Workload
+from .workloads import unique_with_counts
+
+logger = logging.getLogger(__name__)
+
+HAND_SEEDS_FILE = "hand_seeds.json"
+
+
+def _ms():
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415  (slow import: ~20 s)
+
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    return ms
+
+
+@dataclass
+class TaskResult:
+    """Outcome of one workload: best measured latency (seconds) and where it came from."""
+
+    workload: Workload
+    count: int
+    trials: int
+    best_seconds: Optional[float]
+    hand_seconds: Optional[float]
+    best_is_hand: bool
+
+
+@dataclass
+class TuneResult:
+    target_tag: str
+    work_dir: Path
+    output_dir: Optional[Path]
+    tasks: list[TaskResult] = field(default_factory=list)
+
+
+def parse_tracker(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"rpc_tracker must be HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def make_runner(rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None, *, repeats: int = 3,
+                timeout_sec: float = 60.0, max_workers: Optional[int] = None):
+    """MetaSchedule runner: local, or through an RPC tracker (``rpc_key`` required then)."""
+    ms = _ms()
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=repeats, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    if rpc_tracker is None:
+        if rpc_key is not None:
+            raise ValueError("rpc_key given without rpc_tracker")
+        return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator)
+    if not rpc_key:
+        raise ValueError("rpc_tracker needs rpc_key (the key the RPC servers registered with)")
+    host, port = parse_tracker(rpc_tracker)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc_key,
+                                 session_timeout_sec=int(timeout_sec))
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=max_workers or 1)
+
+
+def _measure(mod: tvm.IRModule, target, builder, runner) -> Optional[list[float]]:
+    """Build and run one scheduled module as MetaSchedule does; run seconds, or None on failure."""
+    ms = _ms()
+    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg:
+        logger.warning("tvm_dcn.tune: build failed: %s", built.error_msg.splitlines()[-1])
+        return None
+    try:
+        args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        device = "cpu" if target.kind.name == "llvm" else target.kind.name
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
+        result = future.result()
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+    if result.error_msg:
+        logger.warning("tvm_dcn.tune: run failed: %s", result.error_msg.splitlines()[-1])
+        return None
+    return [float(s) for s in result.run_secs]
+
+
+def hand_trace(workload: Workload, target):
+    """The trace of the hand schedule of ``workload`` (None if it has none)."""
+    from .schedules import find  # noqa: PLC0415
+
+    hand = find(workload.op, target.kind.name)
+    if hand is None:
+        return None
+    sch = tvm.s_tir.Schedule(ir_module(workload))
+    hand(sch, workload, target)
+    return sch.trace
+
+
+def seed_with_hand(db, workload: Workload, target, builder, runner) -> Optional[float]:
+    """Measure the hand schedule of ``workload`` and commit it to ``db``; its mean seconds."""
+    ms = _ms()
+    trace = hand_trace(workload, target)
+    if trace is None:
+        return None
+    sch = tvm.s_tir.Schedule(ir_module(workload))
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    run_secs = _measure(sch.mod, target, builder, runner)
+    if run_secs is None:
+        return None
+    mod = ir_module(workload)
+    db.commit_tuning_record(ms.database.TuningRecord(
+        trace, db.commit_workload(mod), run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    return sum(run_secs) / len(run_secs)
+
+
+def _records_of(db, workload: Workload) -> list:
+    mod = ir_module(workload)
+    if not db.has_workload(mod):
+        return []
+    return [r for r in db.get_top_k(db.commit_workload(mod), 1_000_000) if r.run_secs]
+
+
+def _mean(record) -> float:
+    secs = [float(s) for s in record.run_secs]
+    return sum(secs) / len(secs)
+
+
+class _Progress:
+    """A one-line progress bar on stderr, updated by a MetaSchedule measure callback."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, done, enabled
+        self.start = time.time()
+        self.failed = 0
+
+    def update(self, measured: int, failed: int) -> None:
+        self.done += measured
+        self.failed += failed
+        if not self.enabled:
+            return
+        width = 30
+        frac = min(1.0, self.done / self.total) if self.total else 1.0
+        elapsed = time.time() - self.start
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        sys.stderr.write(f"\rtuning [{bar}] {self.done}/{self.total} trials, {self.failed} failed, "
+                         f"{elapsed / 60:.1f} min")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _progress_callback(progress: _Progress):
+    ms = _ms()
+    from tvm.ir.utils import derived_object  # noqa: PLC0415
+
+    @derived_object
+    class ProgressCallback(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            failed = sum(1 for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg)
+            progress.update(len(measure_candidates), failed)
+
+    return ProgressCallback()
+
+
+def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per_task: int = 256,
+         work_dir: Optional[os.PathLike] = None, output_dir: Optional[os.PathLike] = None, export: bool = True,
+         rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None, num_trials_per_iter: int = 32,
+         population: int = 256, genetic_iters: int = 3, seed: int = 0, progress: bool = True,
+         set_names: Sequence[str] = ()) -> TuneResult:
+    """Tune ``workloads`` (repeats weight a workload) for ``target`` (None: this CPU); see the
+    module docstring. Returns per-task results; writes records to ``output_dir`` if ``export``.
+
+    ``population`` and ``genetic_iters`` size the evolutionary search of each round (MetaSchedule's
+    defaults are 512 and 4; on a 2-core machine sampling and evolving dominate the tuning time,
+    so the defaults here are smaller). ``num_trials_per_iter`` candidates are measured per round.
+    """
+    ms = _ms()
+    if trials_per_task < 1:
+        raise ValueError(f"trials_per_task must be positive, got {trials_per_task}")
+    pairs = unique_with_counts(workloads)
+    if not pairs:
+        raise ValueError("workloads: nothing to tune")
+    target = as_target(target)
+    tag = target_tag(target)
+    work_dir = Path(work_dir) if work_dir is not None else Path("tvm-dcn-tuning") / tag
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cores = int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1) if target.kind.name == "llvm" else 1
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    builder = ms.builder.LocalBuilder(max_workers=max(1, min(cores, os.cpu_count() or 1)), timeout_sec=120)
+    runner = make_runner(rpc_tracker, rpc_key)
+
+    seeds_path = work_dir / HAND_SEEDS_FILE
+    hand_seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else {}
+    for wl, _ in pairs:
+        if wl.key() not in hand_seeds and not _records_of(db, wl):
+            seconds = seed_with_hand(db, wl, target, builder, runner)
+            trace = hand_trace(wl, target)
+            hand_seeds[wl.key()] = {"seconds": seconds, "trace": str(trace) if trace is not None else None}
+            seeds_path.write_text(json.dumps(hand_seeds, indent=1, sort_keys=True) + "\n")
+
+    done = {wl: len(_records_of(db, wl)) for wl, _ in pairs}
+    remaining = [(wl, count, trials_per_task - done[wl]) for wl, count in pairs if done[wl] < trials_per_task]
+    if remaining:
+        total = sum(r for _, _, r in remaining)
+        bar = _Progress(total=total, done=0, enabled=progress)
+        names = [f"{i:02d}_{wl.op}" for i, (wl, _, _) in enumerate(remaining)]
+        loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), names)
+        def strategy():
+            return ms.search_strategy.EvolutionarySearch(
+                population_size=population, init_min_unmeasured=min(50, population),
+                genetic_num_iters=genetic_iters)
+
+        tasks = [ms.TuneContext(mod=ir_module(wl), target=target, space_generator="post-order-apply",
+                                search_strategy=strategy(), task_name=name, logger=log,
+                                rand_state=seed + i, num_threads=cores).clone()
+                 for i, ((wl, _, _), name, log) in enumerate(zip(remaining, names, loggers))]
+        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
+        try:
+            ms.tune_tasks(tasks=tasks, task_weights=[float(c) for _, c, _ in remaining], work_dir=str(work_dir),
+                          max_trials_global=total, max_trials_per_task=max(r for _, _, r in remaining),
+                          num_trials_per_iter=min(num_trials_per_iter, max(r for _, _, r in remaining)),
+                          builder=builder, runner=runner, database=db, cost_model="xgb",
+                          measure_callbacks=callbacks, task_scheduler="gradient")
+        finally:
+            bar.close()
+
+    result = TuneResult(tag, work_dir, None)
+    for wl, count in pairs:
+        records = _records_of(db, wl)
+        best = records[0] if records else None
+        seed_info = hand_seeds.get(wl.key(), {})
+        result.tasks.append(TaskResult(
+            wl, count, len(records), _mean(best) if best else None, seed_info.get("seconds"),
+            best is not None and str(best.trace) == seed_info.get("trace")))
+    if export:
+        result.output_dir = export_records(db, result.tasks, target, output_dir, set_names=set_names,
+                                           trials_per_task=trials_per_task)
+    return result
+
+
+def export_records(db, tasks: Sequence[TaskResult], target, output_dir: Optional[os.PathLike] = None, *,
+                   set_names: Sequence[str] = (), trials_per_task: Optional[int] = None) -> Path:
+    """Write the best record of each task (plus other workloads already committed there) to
+    ``output_dir`` (default: ``tuning_logs/<tag>/``) as a pruned, sorted JSON database and manifest."""
+    ms = _ms()
+    tag = target_tag(target)
+    output_dir = Path(output_dir) if output_dir is not None else records_dir(tag)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, tuple[Workload, object, dict]] = {}
+    # Carry over committed records of workloads this run did not tune.
+    old_manifest = _read_manifest(output_dir)
+    if old_manifest and all((output_dir / f).exists() for f in (WORKLOAD_FILE, RECORD_FILE)):
+        old_db = ms.database.JSONDatabase(str(output_dir / WORKLOAD_FILE), str(output_dir / RECORD_FILE),
+                                          allow_missing=False)
+        for item in old_manifest.get("records", []):
+            wl = Workload.from_dict(item["workload"])
+            records = _records_of(old_db, wl)
+            if records:
+                entries[wl.key()] = (wl, records[0], item)
+    for task in tasks:
+        records = _records_of(db, task.workload)
+        if not records:
+            continue
+        entries[task.workload.key()] = (task.workload, records[0], {
+            "workload": task.workload.as_dict(), "name": task.workload.short_name(), "count": task.count,
+            "trials": task.trials, "tuned_us": round(task.best_seconds * 1e6, 2),
+            "hand_us": round(task.hand_seconds * 1e6, 2) if task.hand_seconds else None,
+            "best_is_hand_schedule": task.best_is_hand})
+
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        new_db = ms.database.JSONDatabase(str(Path(tmp) / WORKLOAD_FILE), str(Path(tmp) / RECORD_FILE))
+        for key in sorted(entries):
+            wl, record, _ = entries[key]
+            new_db.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, new_db.commit_workload(ir_module(wl)), record.run_secs, record.target,
+                record.args_info))
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            os.replace(Path(tmp) / name, output_dir / name)
+    manifest = {
+        "target": target.export(), "target_tag": tag, "tvm": tvm.__version__, "tvm_dcn": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "workload_sets": sorted(set(old_manifest.get("workload_sets", [])) | set(set_names)) if old_manifest
+        else sorted(set_names),
+        "trials_per_task": trials_per_task,
+        "records": [entries[key][2] for key in sorted(entries)],
+    }
+    (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+    return output_dir
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        logger.warning("tvm_dcn.tune: ignoring unreadable %s", path)
+        return {}
+
+
+def format_results(result: TuneResult) -> str:
+    lines = [f"{'workload':<70} {'count':>5} {'trials':>6} {'hand us':>10} {'tuned us':>10} {'speedup':>8}"]
+    for t in result.tasks:
+        hand = f"{t.hand_seconds * 1e6:10.1f}" if t.hand_seconds else f"{'-':>10}"
+        best = f"{t.best_seconds * 1e6:10.1f}" if t.best_seconds else f"{'-':>10}"
+        speed = f"{t.hand_seconds / t.best_seconds:7.2f}x" if t.hand_seconds and t.best_seconds else f"{'-':>8}"
+        name = t.workload.short_name()
+        lines.append(f"{name[:70]:<70} {t.count:>5} {t.trials:>6} {hand} {best} {speed}"
+                     + (" (hand)" if t.best_is_hand else ""))
+    return "\n".join(lines)
