@@ -1,11 +1,23 @@
-"""Side-by-side CPU timing of deformable convolution: tvm-dcn kernels (per schedule source)
-against ``torchvision.ops.deform_conv2d`` and dense ``torch.nn.functional.conv2d`` (oneDNN), the
-floor a deformable convolution cannot beat. All candidates of a case run interleaved in one
-process, so machine noise hits them alike; the median of the repeats is reported.
+"""``tvm-dcn bench``: side-by-side CPU timing of tvm-dcn kernels against the baselines.
+
+For every distinct deformable-conv layer of a workload set, these candidates run interleaved in
+one process (round-robin, so machine noise hits them alike), each through its PyTorch entry point:
+
+* ``tvm-dcn default`` / ``tvm-dcn hand`` / ``tvm-dcn tuned``: :func:`tvm_dcn.deform_conv2d` with
+  every kernel forced to that schedule source (``tuned`` is skipped where a kernel has no record);
+* ``torchvision``: ``torchvision.ops.deform_conv2d``;
+* ``dense conv2d``: ``torch.nn.functional.conv2d`` of the same shape (oneDNN here): the floor a
+  deformable convolution, which also samples its input, cannot beat.
+
+Two modes per layer: ``forward`` (no autograd) and ``forward+backward`` (gradients of input,
+offset, mask and weight, as in training). The median of the repeats is reported, with the
+speed-up over torchvision and the geometric mean over the set. Results go to the terminal and to
+``<output-dir>/<target-tag>/bench.{json,md,png}``.
 """
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -15,109 +27,128 @@ from typing import Callable, Optional
 
 import torch
 
-from . import kernel as _kernel
-from .functional import kernel_arg
-from .ops.deform_conv import forward_workload, output_size
+from . import functional as _functional
+from .kernel import forced_schedule
+from .ops.deform_conv import FORWARD, ConvGeometry
 from .target import host_target, target_tag
+from .workload import Workload
+from .workloads import load, unique_with_counts
 
-
-@dataclass
-class ConvCase:
-    """One deformable conv layer to time: 3x3 by default, square input, same in/out channels."""
-
-    channels: int
-    size: int
-    batch: int = 1
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-    with_mask: bool = True
-    dtype: str = "float32"
-
-    @property
-    def name(self) -> str:
-        kind = "v2" if self.with_mask else "v1"
-        return (f"dcn{kind} b{self.batch} {self.channels}x{self.size}x{self.size} "
-                f"k{self.kernel} s{self.stride}")
-
-
-# The issue's reference layers: ResNet-50 stage c3-c5 widths at batch 1.
-DEFAULT_CASES = [ConvCase(128, 28), ConvCase(256, 14), ConvCase(512, 7)]
+SCHEDULES = ("default", "hand", "tuned")
+MODES = ("forward", "forward+backward")
+BASELINES = ("torchvision", "dense conv2d")
 
 
 @dataclass
 class CaseResult:
-    case: str
-    times_ms: dict = field(default_factory=dict)   # candidate -> median ms
-    max_abs_err: dict = field(default_factory=dict)  # candidate -> vs torchvision
+    """Median milliseconds per candidate for one layer and mode, and each candidate's max abs error
+    against torchvision (forward output, or the input gradient)."""
+
+    layer: str
+    mode: str
+    count: int
+    times_ms: dict = field(default_factory=dict)
+    max_abs_err: dict = field(default_factory=dict)
 
 
-def _inputs(case: ConvCase):
-    g = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, case.dtype)
-    out = output_size(case.size, case.kernel, case.stride, case.padding, 1)
-    taps = case.kernel * case.kernel
-    x = torch.randn(case.batch, case.channels, case.size, case.size, generator=g, dtype=dtype)
-    w = torch.randn(case.channels, case.channels, case.kernel, case.kernel, generator=g, dtype=dtype) * 0.05
-    off = torch.randn(case.batch, 2 * taps, out, out, generator=g, dtype=dtype) * 2
-    mask = torch.rand(case.batch, taps, out, out, generator=g, dtype=dtype) if case.with_mask else None
-    bias = torch.randn(case.channels, generator=g, dtype=dtype)
-    return x, off, w, bias, mask, out
+def layer_name(wl: Workload) -> str:
+    geo = ConvGeometry(wl)
+    kind = "v2" if geo.with_mask else "v1"
+    return (f"dcn{kind} b{geo.batch} {geo.in_channels}x{geo.height}x{geo.width}->{geo.out_channels} "
+            f"k{geo.kernel_h}x{geo.kernel_w} s{geo.stride_h}")
 
 
-def _time(fn: Callable[[], object], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+def layers_of(workloads: list[Workload]) -> list[tuple[Workload, int]]:
+    """The distinct forward deformable-conv workloads of a set, with their counts."""
+    return [(wl, n) for wl, n in unique_with_counts(workloads) if wl.op == FORWARD]
 
 
-def run_case(case: ConvCase, schedules=("default", "hand", "tuned"), repeats: int = 20,
-             warmup: int = 3, log: Callable[[str], None] = print) -> CaseResult:
+def _inputs(wl: Workload, generator: torch.Generator):
+    geo = ConvGeometry(wl)
+    dtype = getattr(torch, geo.dtype)
+    taps, og = geo.taps, geo.offset_groups
+    x = torch.randn(geo.batch, geo.in_channels, geo.height, geo.width, generator=generator, dtype=dtype)
+    w = torch.randn(geo.out_channels, geo.group_in_channels, geo.kernel_h, geo.kernel_w, generator=generator,
+                    dtype=dtype) / math.sqrt(geo.reduction)
+    offset = torch.randn(geo.batch, 2 * og * taps, geo.out_h, geo.out_w, generator=generator, dtype=dtype) * 2
+    mask = (torch.rand(geo.batch, og * taps, geo.out_h, geo.out_w, generator=generator, dtype=dtype)
+            if geo.with_mask else None)
+    bias = torch.randn(geo.out_channels, generator=generator, dtype=dtype) if geo.with_bias else None
+    return dict(input=x, offset=offset, weight=w, bias=bias, mask=mask)
+
+
+def _conv_kwargs(wl: Workload) -> dict:
+    return dict(stride=wl["stride"], padding=wl["padding"], dilation=wl["dilation"])
+
+
+def _candidates(wl: Workload, inputs: dict, mode: str, schedules) -> dict[str, Callable[[], torch.Tensor]]:
+    """Callables returning the forward output (forward) or the input gradient (forward+backward)."""
     import torchvision  # noqa: PLC0415
 
-    x, off, w, bias, mask, out = _inputs(case)
-    workload = forward_workload(
-        batch=case.batch, in_channels=case.channels, height=case.size, width=case.size,
-        out_channels=case.channels, kernel_size=(case.kernel, case.kernel), stride=(case.stride,) * 2,
-        padding=(case.padding,) * 2, groups=1, offset_groups=1, with_mask=mask is not None,
-        with_bias=True, dtype=case.dtype)
-    args = [kernel_arg(x).view(case.batch, case.channels, -1), kernel_arg(off).view(case.batch, off.shape[1], -1)]
-    if mask is not None:
-        args.append(kernel_arg(mask).view(case.batch, mask.shape[1], -1))
-    args += [kernel_arg(w).view(case.channels, -1), bias]
-    result_buffer = torch.empty(case.batch, case.channels, out * out, dtype=x.dtype)
+    kw = _conv_kwargs(wl)
+    backward = mode == "forward+backward"
+    leaves = {k: (v.detach().requires_grad_(backward) if v is not None else None) for k, v in inputs.items()}
+    grad_out = None
 
-    reference = torchvision.ops.deform_conv2d(x, off, w, bias, stride=case.stride, padding=case.padding, mask=mask)
-    candidates: dict[str, Callable[[], object]] = {
-        "torchvision": lambda: torchvision.ops.deform_conv2d(x, off, w, bias, stride=case.stride,
-                                                             padding=case.padding, mask=mask),
-        "dense conv2d": lambda: torch.nn.functional.conv2d(x, w, bias, stride=case.stride, padding=case.padding),
-    }
-    result = CaseResult(case.name)
-    for source in schedules:
-        try:
-            kern = _kernel.compile(workload, schedule=source)
-        except LookupError:
-            continue
-        kern(*args, result_buffer)
-        err = (result_buffer.view_as(reference) - reference).abs().max().item()
-        result.max_abs_err[f"tvm-dcn {source}"] = err
-        candidates[f"tvm-dcn {source}"] = (lambda k=kern: k(*args, result_buffer))
-    # The untuned default is orders of magnitude slower: time it with fewer repeats.
-    slow = {name for name in candidates if name.endswith("default")}
+    def run(fn):
+        def call():
+            nonlocal grad_out
+            if not backward:
+                with torch.no_grad():
+                    return fn()
+            for t in leaves.values():
+                if t is not None:
+                    t.grad = None
+            out = fn()
+            if grad_out is None:
+                grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+            out.backward(grad_out)
+            return leaves["input"].grad
+        return call
+
+    def deformable(schedule):
+        def fn():
+            with forced_schedule(schedule):
+                return _functional.deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"],
+                                                 leaves["bias"], mask=leaves["mask"], **kw)
+        return fn
+
+    out = {f"tvm-dcn {s}": run(deformable(s)) for s in schedules}
+    out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(
+        leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], mask=leaves["mask"], **kw))
+    groups = wl["in_channels"] // ConvGeometry(wl).group_in_channels
+    out["dense conv2d"] = run(lambda: torch.nn.functional.conv2d(
+        leaves["input"], leaves["weight"], leaves["bias"], groups=groups, **kw))
+    return out
+
+
+def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeats: int = 20,
+             slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> CaseResult:
+    result = CaseResult(layer_name(wl), mode, count)
+    candidates = _candidates(wl, _inputs(wl, torch.Generator().manual_seed(0)), mode, schedules)
+    reference = candidates["torchvision"]().detach().clone()
+    usable = {}
     for name, fn in candidates.items():
+        try:
+            value = fn()  # compiles the kernels (and checks the schedule source exists)
+        except LookupError:
+            continue  # e.g. no tuning record for this layer on this machine
+        if name.startswith("tvm-dcn"):
+            result.max_abs_err[name] = (value - reference).abs().max().item()
+        usable[name] = fn
+    # The untuned default is orders of magnitude slower: fewer repeats.
+    slow = {name for name in usable if name.endswith("default")}
+    for name, fn in usable.items():
         for _ in range(1 if name in slow else warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.no_grad():
-        for i in range(repeats):
-            for name, fn in candidates.items():  # interleaved: noise hits every candidate alike
-                if name in slow and i >= max(3, repeats // 5):
-                    continue
-                samples[name] += _time(fn, 1)
+    samples: dict[str, list[float]] = {name: [] for name in usable}
+    for i in range(repeats):
+        for name, fn in usable.items():  # interleaved: noise hits every candidate alike
+            if name in slow and i >= slow_repeats:
+                continue
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
     result.times_ms = {name: statistics.median(ts) for name, ts in samples.items()}
     log(format_case(result))
     return result
@@ -127,22 +158,130 @@ def format_case(result: CaseResult) -> str:
     tv = result.times_ms.get("torchvision")
     parts = []
     for name, ms in result.times_ms.items():
-        speedup = f" ({tv / ms:.2f}x tv)" if tv and not name.startswith("torchvision") else ""
-        parts.append(f"{name}: {ms:.3f} ms{speedup}")
-    return f"{result.case}: " + "; ".join(parts)
+        speedup = f" ({tv / ms:.2f}x)" if tv and name != "torchvision" else ""
+        parts.append(f"{name} {ms:.2f}{speedup}")
+    return f"{result.layer} [{result.mode}] ms: " + ", ".join(parts)
+
+
+def geomean_speedups(results: list[CaseResult], mode: str) -> dict[str, float]:
+    """Geometric mean over the distinct layers of torchvision time / candidate time."""
+    ratios: dict[str, list[float]] = {}
+    for r in results:
+        tv = r.times_ms.get("torchvision")
+        if r.mode != mode or not tv:
+            continue
+        for name, ms in r.times_ms.items():
+            ratios.setdefault(name, []).append(tv / ms)
+    n_layers = sum(1 for r in results if r.mode == mode)
+    return {name: math.exp(sum(map(math.log, v)) / len(v)) for name, v in ratios.items() if len(v) == n_layers}
 
 
 def environment() -> dict:
     return {
         "target": str(host_target()), "target_tag": target_tag(None), "machine": platform.machine(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "processor": _cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
-def write_results(results: list[CaseResult], path: Optional[str]) -> None:
-    if not path:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"environment": environment(), "results": [asdict(r) for r in results]},
-                                     indent=2) + "\n")
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _columns(results: list[CaseResult]) -> list[str]:
+    names: list[str] = []
+    for r in results:
+        for name in r.times_ms:
+            if name not in names:
+                names.append(name)
+    order = [f"tvm-dcn {s}" for s in SCHEDULES] + list(BASELINES)
+    return [n for n in order if n in names]
+
+
+def markdown_table(results: list[CaseResult], workload_set: str) -> str:
+    cols = _columns(results)
+    lines = []
+    for mode in MODES:
+        rows = [r for r in results if r.mode == mode]
+        if not rows:
+            continue
+        lines += [f"**{mode}**, `{workload_set}`: median ms (speed-up over torchvision)", "",
+                  "| layer | count | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+        for r in rows:
+            tv = r.times_ms.get("torchvision")
+            cells = []
+            for c in cols:
+                ms = r.times_ms.get(c)
+                cells.append("-" if ms is None else f"{ms:.2f}" + (f" ({tv / ms:.2f}x)" if tv and c != "torchvision"
+                                                                   else ""))
+            lines.append(f"| {r.layer} | {r.count} | " + " | ".join(cells) + " |")
+        geo = geomean_speedups(results, mode)
+        lines.append("| **geomean speed-up** | | " + " | ".join(
+            f"**{geo[c]:.2f}x**" if c in geo else "-" for c in cols) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[CaseResult], path: Path, title: str) -> bool:
+    """Bar chart of speed-ups over torchvision per layer and mode; False if matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return False
+    cols = [c for c in _columns(results) if c != "torchvision"]
+    modes = [m for m in MODES if any(r.mode == m for r in results)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        rows = [r for r in results if r.mode == mode]
+        width = 0.8 / len(cols)
+        for i, c in enumerate(cols):
+            values = [r.times_ms["torchvision"] / r.times_ms[c] if c in r.times_ms else 0 for r in rows]
+            ax.bar([j + i * width for j in range(len(rows))], values, width, label=c)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+        ax.set_xticklabels([r.layer.replace(" k3x3", "").replace("dcnv2 b1 ", "") for r in rows], rotation=30,
+                           ha="right", fontsize=8)
+        ax.set_ylabel("speed-up over torchvision (log)")
+        ax.set_title(mode)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(workload_set: str = "resnet50-dcn-224", *, modes=MODES, schedules=SCHEDULES, repeats: int = 20,
+        output_dir: Optional[str] = "bench_results", log: Callable[[str], None] = print) -> list[CaseResult]:
+    """Benchmark every layer of ``workload_set``; write ``<output_dir>/<tag>/bench.*`` unless None."""
+    env = environment()
+    log(f"target {env['target_tag']} ({env['processor']}), torch {env['torch']}, {env['torch_threads']} threads")
+    results = [run_case(wl, count, mode, schedules=schedules, repeats=repeats, log=log)
+               for wl, count in layers_of(load(workload_set)) for mode in modes]
+    table = markdown_table(results, workload_set)
+    log("\n" + table)
+    if output_dir:
+        folder = Path(output_dir) / env["target_tag"]
+        folder.mkdir(parents=True, exist_ok=True)
+        summary = {mode: geomean_speedups(results, mode) for mode in modes}
+        (folder / "bench.json").write_text(json.dumps(
+            {"environment": env, "workload_set": workload_set, "geomean_speedup_over_torchvision": summary,
+             "results": [asdict(r) for r in results]}, indent=1) + "\n")
+        (folder / "bench.md").write_text(f"Environment: `{env['target_tag']}`, {env['processor']}, torch "
+                                         f"{env['torch']} ({env['torch_threads']} threads), {env['date']}\n\n"
+                                         + table)
+        if plot(results, folder / "bench.png", f"tvm-dcn vs torchvision, {workload_set}, {env['target_tag']}"):
+            log(f"wrote {folder}/bench.json, bench.md, bench.png")
+        else:
+            log(f"wrote {folder}/bench.json, bench.md (no plot: matplotlib is not installed)")
+    return results

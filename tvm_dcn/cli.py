@@ -1,8 +1,9 @@
 """The ``tvm-dcn`` command line.
 
     tvm-dcn info                      target, target tag, cache and tuning-record locations
-    tvm-dcn bench [--output PATH]     forward deformable conv on the local CPU vs torchvision and
-                                      dense conv2d (default / hand / tuned tvm-dcn kernels)
+    tvm-dcn bench [--workloads SET]   deformable conv layers of a set on the local CPU, forward and
+                                      forward+backward: default / hand / tuned tvm-dcn kernels vs
+                                      torchvision and dense conv2d; table, JSON, Markdown, PNG
     tvm-dcn tune [--workloads SET]    MetaSchedule tuning; records to tuning_logs/<target-tag>/
 """
 from __future__ import annotations
@@ -31,13 +32,10 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from . import bench  # noqa: PLC0415
 
-    schedules = tuple(s for s in ("default", "hand", "tuned") if not (s == "default" and args.no_default))
-    env = bench.environment()
-    print(env)
-    results = [bench.run_case(case, schedules=schedules, repeats=args.repeats) for case in bench.DEFAULT_CASES]
-    bench.write_results(results, args.output)
-    if args.output:
-        print(f"wrote {args.output}")
+    schedules = tuple(s for s in bench.SCHEDULES if not (s == "default" and args.no_default))
+    modes = ("forward",) if args.forward_only else bench.MODES
+    bench.run(args.workloads, modes=modes, schedules=schedules, repeats=args.repeats,
+              output_dir=args.output_dir or None)
     return 0
 
 
@@ -68,9 +66,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="show the target, its tag and the cache locations").set_defaults(func=_info)
     bench_parser = sub.add_parser("bench", help="time tvm-dcn against torchvision and dense conv2d on the CPU")
-    bench_parser.add_argument("--output", default="bench_results/forward_cpu.json", help="JSON results file ('' for none)")
+    bench_parser.add_argument("--workloads", default="resnet50-dcn-224", help="workload set or file")
+    bench_parser.add_argument("--output-dir", default="bench_results",
+                              help="results go to OUTPUT_DIR/<target-tag>/bench.{json,md,png} ('' for none)")
     bench_parser.add_argument("--repeats", type=int, default=20, help="timed repeats per candidate (median reported)")
     bench_parser.add_argument("--no-default", action="store_true", help="skip the slow unscheduled kernels")
+    bench_parser.add_argument("--forward-only", action="store_true", help="time the forward pass only")
     bench_parser.set_defaults(func=_bench)
     tune_parser = sub.add_parser("tune", help="auto-schedule a workload set with MetaSchedule and export the records")
     tune_parser.add_argument("--workloads", nargs="+", default=["resnet50-dcn-224"],
