@@ -38,9 +38,13 @@ def _grads(fn, tensors: dict, grad_out, dtype):
     return out.detach(), {name: t.grad for name, t in leaves.items()}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["ratio2", "adaptive"])
-@pytest.mark.parametrize("variant", ["no_offset", "offset", "modulated"])
+# float32 for every variant; float64 for the modulated one (whose kernels the gradcheck reuses).
+DEFORM_CASES = [(v, r, torch.float32) for v in ("no_offset", "offset", "modulated") for r in (2, 0)] + \
+    [("modulated", r, torch.float64) for r in (2, 0)]
+
+
+@pytest.mark.parametrize("variant, sampling_ratio, dtype", DEFORM_CASES,
+                         ids=[f"{v}-{'ratio2' if r else 'adaptive'}-{str(d)[-2:]}" for v, r, d in DEFORM_CASES])
 def test_deform_roi_pool_matches_reference(data, variant, sampling_ratio, dtype):
     x, rois, offset, mask, grad = data
     tensors = dict(input=x, offset=None if variant == "no_offset" else offset,
@@ -84,15 +88,22 @@ def ps_data():
     return g, rois
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("config", list(PS_CONFIGS))
-def test_deform_psroi_pool_matches_reference(ps_data, config, dtype):
+def _ps_case(ps_data, config):
     g, rois = ps_data
     output_dim, group, pooled, part, spp, classes, no_trans = PS_CONFIGS[config]
+    g = torch.Generator().manual_seed(len(config))
     x = torch.randn(2, output_dim * group * group, 9, 11, generator=g, dtype=torch.float64)
     trans = None if no_trans else torch.randn(rois.shape[0], 2 * classes, part, part, generator=g, dtype=torch.float64)
     grad = torch.randn(rois.shape[0], output_dim, pooled, pooled, generator=g, dtype=torch.float64)
-    args = (SCALE, output_dim, group, pooled, part, spp, 0.2, no_trans)
+    return rois, x, trans, grad, (SCALE, output_dim, group, pooled, part, spp, 0.2, no_trans)
+
+
+PS_CASES = [(c, torch.float32) for c in PS_CONFIGS] + [("groups<pooled-2classes", torch.float64)]
+
+
+@pytest.mark.parametrize("config, dtype", PS_CASES, ids=[f"{c}-{str(d)[-2:]}" for c, d in PS_CASES])
+def test_deform_psroi_pool_matches_reference(ps_data, config, dtype):
+    rois, x, trans, grad, args = _ps_case(ps_data, config)
 
     def ours(input, offset=None):
         return tvm_dcn.deform_psroi_pool(input, rois.to(dtype), offset, *args)
@@ -107,27 +118,20 @@ def test_deform_psroi_pool_matches_reference(ps_data, config, dtype):
         assert_matches(grads[name], ref_grads[name], dtype, what=f"grad {name}")
 
 
-def test_gradcheck_deform_roi_pool():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    rois = ref.make_boxes(g, 2, (10.0, 12.0), count=3, dtype=torch.float64)
-    k = rois.shape[0]
-    offset = (torch.randn(k, 2, 2, 2, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
-    mask = torch.rand(k, 1, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
-    for ratio in (2, 0):
-        assert torch.autograd.gradcheck(
-            lambda a, b, c, r=ratio: tvm_dcn.deform_roi_pool(a, rois, b, 2, 0.5, r, 0.3, mask=c), (x, offset, mask),
-            eps=1e-6, atol=1e-7)
-
-
-def test_gradcheck_deform_psroi_pool():
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 2 * 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    rois = ref.make_boxes(g, 2, (10.0, 12.0), count=3, dtype=torch.float64)
-    trans = torch.randn(rois.shape[0], 4, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
+@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["ratio2", "adaptive"])
+def test_gradcheck_deform_roi_pool(data, sampling_ratio):
+    x, rois, offset, mask, _ = data
+    tensors = [t.clone().requires_grad_() for t in (x, offset * 0.5, mask)]
     assert torch.autograd.gradcheck(
-        lambda a, b: tvm_dcn.deform_psroi_pool(a, rois, b, 0.5, 2, 2, 2, 2, 3, 0.3, False), (x, trans),
+        lambda a, b, c: tvm_dcn.deform_roi_pool(a, rois, b, OUT, SCALE, sampling_ratio, GAMMA, mask=c), tensors,
         eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_deform_psroi_pool(ps_data):
+    rois, x, trans, _, args = _ps_case(ps_data, "groups<pooled-2classes")
+    tensors = [x.clone().requires_grad_(), trans.clone().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda a, b: tvm_dcn.deform_psroi_pool(a, rois, b, *args), tensors,
+                                    eps=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +160,7 @@ def test_deform_roi_pool_packs_start_from_roi_align(data):
 
 def test_deform_roi_pooling_pack_starts_without_offsets(ps_data):
     g, rois = ps_data
-    x = torch.randn(2, 2 * 9, 9, 11, generator=g)
+    x = torch.randn(2, 2 * 9, 9, 11, generator=torch.Generator().manual_seed(3))
     rois = rois.float()
     pooling = tvm_dcn.DeformRoIPooling(SCALE, 3, 2, no_trans=True, group_size=3, sample_per_part=2)
     pack = tvm_dcn.DeformRoIPoolingPack(SCALE, 3, 2, no_trans=False, group_size=3, sample_per_part=2,

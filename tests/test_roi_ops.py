@@ -25,7 +25,7 @@ IMAGE = (SHAPE[2] / SCALE, SHAPE[3] / SCALE)
 def data():
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(*SHAPE, generator=g, dtype=torch.float64)
-    boxes = make_boxes(g, SHAPE[0], IMAGE, dtype=torch.float64)
+    boxes = make_boxes(g, SHAPE[0], IMAGE, count=6, dtype=torch.float64)  # 16 boxes: one bucket
     grad = torch.randn(boxes.shape[0], SHAPE[1], *OUT, generator=g, dtype=torch.float64)
     return x, boxes, grad
 
@@ -63,32 +63,35 @@ def test_roi_pool_matches_torchvision(data, dtype):
     _check_against_torchvision(tvm_dcn.roi_pool, torchvision.ops.roi_pool, x, boxes, grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("sampling_ratio", [2, -1], ids=["ratio2", "adaptive"])
-def test_ps_roi_align_matches_torchvision(data, sampling_ratio):
+def test_ps_roi_align_matches_torchvision(data, sampling_ratio, dtype):
     x, boxes, grad = data
     if sampling_ratio > 0:
         _check_against_torchvision(tvm_dcn.ps_roi_align, torchvision.ops.ps_roi_align, x, boxes, grad,
-                                   torch.float32, sampling_ratio=sampling_ratio)
+                                   dtype, sampling_ratio=sampling_ratio)
         return
     # Adaptive sampling: torchvision divides 0 by 0 (NaN) for boxes without samples; we give 0.
-    out, gin = _run(tvm_dcn.ps_roi_align, x, boxes, grad, torch.float32, sampling_ratio=-1)
+    out, gin = _run(tvm_dcn.ps_roi_align, x, boxes, grad, dtype, sampling_ratio=-1)
     ref, ref_gin = _run(torchvision.ops.ps_roi_align, x, boxes, grad, torch.float64, sampling_ratio=-1)
     empty = torch.isnan(ref).flatten(1).any(1)
     assert empty.any(), "the box set should contain a box without samples"
     assert (out[empty] == 0).all()
-    assert_matches(out[~empty], ref[~empty], torch.float32, what="ps_roi_align output")
-    _check_against_torchvision(tvm_dcn.ps_roi_align, torchvision.ops.ps_roi_align, x, boxes[~empty], grad[~empty],
-                               torch.float32, sampling_ratio=-1)
+    assert_matches(out[~empty], ref[~empty], dtype, what="ps_roi_align output")
+    # Gradients, on all boxes (a box without samples contributes nothing) against torchvision on the others.
+    _, ref_gin = _run(torchvision.ops.ps_roi_align, x, boxes[~empty], grad[~empty], torch.float64, sampling_ratio=-1)
+    assert_matches(gin, ref_gin, dtype, what="ps_roi_align grad input")
 
 
-def test_ps_roi_pool_matches_torchvision(data):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_ps_roi_pool_matches_torchvision(data, dtype):
     x, boxes, grad = data
     # torchvision's backward clips bins to H and W where its forward clips to H - 1 and W - 1: compare
     # gradients on the boxes whose bins stay clear of the last row and column (gradcheck covers the rest).
     s = boxes[:, 1:] * SCALE
     interior = (s[:, [0, 2]].max(1).values < SHAPE[3] - 2) & (s[:, [1, 3]].max(1).values < SHAPE[2] - 2)
     assert interior.sum() >= 3 and (~interior).sum() >= 3
-    _check_against_torchvision(tvm_dcn.ps_roi_pool, torchvision.ops.ps_roi_pool, x, boxes, grad, torch.float32,
+    _check_against_torchvision(tvm_dcn.ps_roi_pool, torchvision.ops.ps_roi_pool, x, boxes, grad, dtype,
                                grad_boxes=interior)
 
 
@@ -97,11 +100,12 @@ def test_box_list_equals_tensor(data):
     x = x.float()
     per_image = [torch.tensor([[1.0, 2.0, 12.0, 15.0], [0.5, 0.5, 3.0, 4.0]]), torch.tensor([[4.0, 3.0, 20.0, 9.0]])]
     as_tensor = torch.tensor([[0, 1.0, 2.0, 12.0, 15.0], [0, 0.5, 0.5, 3.0, 4.0], [1, 4.0, 3.0, 20.0, 9.0]])
-    for fn in (tvm_dcn.roi_align, tvm_dcn.roi_pool, tvm_dcn.ps_roi_align, tvm_dcn.ps_roi_pool):
-        a = fn(x, per_image, OUT, SCALE)
-        b = fn(x, as_tensor, OUT, SCALE)
+    for fn, args in ((tvm_dcn.roi_align, (SCALE, 2)), (tvm_dcn.roi_pool, (SCALE,)), (tvm_dcn.ps_roi_align, (SCALE, 2)),
+                     (tvm_dcn.ps_roi_pool, (SCALE,))):
+        a = fn(x, per_image, OUT, *args)
+        b = fn(x, as_tensor, OUT, *args)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-        torch.testing.assert_close(a, getattr(torchvision.ops, fn.__name__)(x, per_image, OUT, SCALE))
+        torch.testing.assert_close(a, getattr(torchvision.ops, fn.__name__)(x, per_image, OUT, *args))
 
 
 def test_modules_match_torchvision(data):
@@ -155,15 +159,7 @@ def test_box_count_buckets_reuse_kernels(data, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# gradcheck (float64): every operator, on a small input with edge-case boxes
-
-
-@pytest.fixture(scope="module")
-def small():
-    g = torch.Generator().manual_seed(99)
-    x = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64)
-    boxes = make_boxes(g, 2, (10.0, 12.0), count=3, dtype=torch.float64)
-    return x, boxes
+# gradcheck (float64): every operator, with the edge-case boxes (the kernels of the tests above)
 
 
 @pytest.mark.parametrize("op, kwargs", [
@@ -173,9 +169,9 @@ def small():
     ("ps_roi_align", dict(sampling_ratio=-1)),
     ("ps_roi_pool", {}),
 ], ids=["roi_align-ratio2", "roi_align-adaptive-aligned", "roi_pool", "ps_roi_align", "ps_roi_pool"])
-def test_gradcheck(small, op, kwargs):
-    x, boxes = small
+def test_gradcheck(data, op, kwargs):
+    x, boxes, _ = data
     fn = getattr(tvm_dcn, op)
     xr = x.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: fn(t, boxes, 2, 0.5, **kwargs), (xr,), eps=1e-6, atol=1e-7,
+    assert torch.autograd.gradcheck(lambda t: fn(t, boxes, OUT, SCALE, **kwargs), (xr,), eps=1e-6, atol=1e-7,
                                     nondet_tol=0.0)
