@@ -27,7 +27,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import kernel as _kernel
-from .functional import _SUPPORTED_DTYPES, kernel_arg
+from .functional import _SUPPORTED_DTYPES, _pair, kernel_arg
 from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
@@ -58,35 +58,19 @@ def _check_input(input, name: str = "input") -> None:
 
 
 def _output_size(value, name: str = "output_size") -> tuple[int, int]:
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    items = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    try:
-        items = tuple(items)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    items = _pair(value, name)
     if min(items) < 1:
         raise ValueError(f"{name} must be positive, got {value!r}")
-    return items  # type: ignore[return-value]
+    return items
 
 
-def _positive_float(value, name: str) -> float:
+def _real(value, name: str, positive: bool = False) -> float:
+    """``value`` as a finite float (positive if asked), else TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and positive, got {value!r}")
-    return value
-
-
-def _finite_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be finite{' and positive' if positive else ''}, got {value!r}")
     return value
 
 
@@ -425,7 +409,7 @@ class _PSDeformPlan(_Plan):
 def _align_like(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, position_sensitive):
     _check_input(input)
     output_size = _output_size(output_size)
-    spatial_scale = _positive_float(spatial_scale, "spatial_scale")
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
     sampling_ratio = _int(sampling_ratio, "sampling_ratio")
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool, got {aligned!r}")
@@ -466,7 +450,7 @@ def ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatia
 def _pool_like(input, boxes, output_size, spatial_scale, position_sensitive):
     _check_input(input)
     output_size = _output_size(output_size)
-    spatial_scale = _positive_float(spatial_scale, "spatial_scale")
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
     if position_sensitive:
         _check_ps_channels(input, output_size)
     rois = _rois(boxes, input, spatial_scale)
@@ -501,9 +485,9 @@ def deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Ten
     """
     _check_input(input)
     output_size = _output_size(output_size)
-    spatial_scale = _positive_float(spatial_scale, "spatial_scale")
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
     sampling_ratio = _int(sampling_ratio, "sampling_ratio")
-    gamma = _finite_float(gamma, "gamma")
+    gamma = _real(gamma, "gamma")
     rois = _rois(rois, input, spatial_scale, name="rois")
     k = rois.shape[0]
     if offset is not None:
@@ -527,8 +511,8 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
     classes ...``; ignored (may be None) when ``no_trans``. ``part_size`` defaults to ``pooled_size``.
     """
     _check_input(input)
-    spatial_scale = _positive_float(spatial_scale, "spatial_scale")
-    trans_std = _finite_float(trans_std, "trans_std")
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
+    trans_std = _real(trans_std, "trans_std")
     output_dim, group_size, pooled_size = (_int(output_dim, "output_dim"), _int(group_size, "group_size"),
                                            _int(pooled_size, "pooled_size"))
     part_size = pooled_size if part_size is None or part_size == 0 else _int(part_size, "part_size")

@@ -36,7 +36,7 @@ from ..workload import Workload
 from . import OperatorDef, register
 from .roi_align import (BACKWARD, AxisTable, Interpolation, PositionSensitiveMap, RoIShape, _align_params, _pair,
                         align_geometry, bilinear_gather, float_floor_table, lookup, roi_batch_index, roi_bucket,
-                        round_half_away, sample_grid, scatter_bilinear_blocked, scatter_bilinear_position_sensitive)
+                        round_half_away, sample_grid, scatter_bilinear)
 
 DEFORM_ROI_POOL = "deform_roi_pool"
 DEFORM_PSROI_POOL = "deform_psroi_pool"
@@ -174,17 +174,13 @@ def build_deform_roi_pool(wl: Workload) -> OperatorDef:
     return OperatorDef(args + [out])
 
 
-def _grad_placeholder(s: RoIShape, channels: int):
-    return te.placeholder((s.rois, channels, s.pooled_h, s.pooled_w), s.dtype, name="grad_output")
-
-
 @register(DEFORM_ROI_POOL + BACKWARD)
 def build_deform_roi_pool_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, scalars, offset, mask, args = _deform_inputs(wl, s, with_data=False)
-    grad = _grad_placeholder(s, s.channels)
+    grad = s.grad_placeholder()
     st = DeformStages(wl, rois, scalars, offset, mask)
-    grad_input = scatter_bilinear_blocked(s, grad, st.batch_index, st.grid, st.y, st.x)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x)
     return OperatorDef([grad] + args + [grad_input])
 
 
@@ -195,7 +191,7 @@ def build_deform_roi_pool_params_backward(wl: Workload) -> OperatorDef:
     data, rois, scalars, offset, mask, args = _deform_inputs(wl, s)
     if offset is None and mask is None:
         raise ValueError("deform_roi_pool_backward_params: the workload has neither offset nor mask")
-    grad = _grad_placeholder(s, s.channels)
+    grad = s.grad_placeholder()
     st = DeformStages(wl, rois, scalars, offset, mask)
     geo = st.geometry
     corners = corner_grad(s, "corner_grad", data, grad, st.y, st.x, s.rois, s.channels,
@@ -276,8 +272,10 @@ class PSRoIStages:
         self.inv_count = {0: self._inv_count("y", 0, y_shape[:3], position(0)),
                           1: self._inv_count("x", 1, x_shape[:3], position(1))}
         scale = self._scale
-        self.y = AxisTable(s, "y", 0, y_shape, position(0), always, "psroi", scale=lambda r, ph, pw: scale(0, r, ph, pw))
-        self.x = AxisTable(s, "x", 1, x_shape, position(1), always, "psroi", scale=lambda r, ph, pw: scale(1, r, ph, pw))
+        self.y = AxisTable(s, "y", 0, y_shape, position(0), always, "psroi",
+                           scale=lambda r, ph, pw: scale(0, r, ph, pw))
+        self.x = AxisTable(s, "x", 1, x_shape, position(1), always, "psroi",
+                           scale=lambda r, ph, pw: scale(1, r, ph, pw))
 
     def _inv_count(self, name, axis, shape, position):
         """1 / (number of valid samples along ``axis``) per bin, 0 when there are none."""
@@ -325,9 +323,9 @@ def build_deform_psroi_pool(wl: Workload) -> OperatorDef:
 def build_deform_psroi_pool_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, scalars, trans, args = _psroi_inputs(wl, s, with_data=False)
-    grad = _grad_placeholder(s, wl["output_dim"])
+    grad = s.grad_placeholder(wl["output_dim"])
     st = PSRoIStages(wl, rois, scalars, trans)
-    grad_input = scatter_bilinear_position_sensitive(s, grad, st.batch_index, st.grid, st.y, st.x, st.psmap)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, st.psmap)
     return OperatorDef([grad] + args + [grad_input])
 
 
@@ -338,7 +336,7 @@ def build_deform_psroi_pool_trans_backward(wl: Workload) -> OperatorDef:
     data, rois, scalars, trans, args = _psroi_inputs(wl, s)
     if trans is None:
         raise ValueError("deform_psroi_pool_backward_params: the workload has no_trans=True")
-    grad = _grad_placeholder(s, wl["output_dim"])
+    grad = s.grad_placeholder(wl["output_dim"])
     st = PSRoIStages(wl, rois, scalars, trans)
     per_class, classes = st.psmap.per_class, st.classes
 

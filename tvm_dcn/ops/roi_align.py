@@ -176,6 +176,11 @@ class RoIShape:
     def const(self, value):
         return tirx.const(value, self.dtype)
 
+    def grad_placeholder(self, channels: Optional[int] = None, dtype: Optional[str] = None, name="grad_output"):
+        """(R, channels, PH, PW): an output gradient (or, with ``dtype="int32"``, RoI Pool's argmax)."""
+        return te.placeholder((self.rois, self.channels if channels is None else channels, self.pooled_h,
+                               self.pooled_w), dtype or self.dtype, name=name)
+
     def placeholders(self, num_scalars: int = 1):
         data = te.placeholder((self.batch, self.channels, self.pixels), self.dtype, name="input")
         rois = te.placeholder((self.rois, 5), self.dtype, name="rois")
@@ -183,13 +188,13 @@ class RoIShape:
         return data, rois, scalars
 
 
-def scatter_channel_block(batch: int, channels: int, pixels: int, dtype: str) -> int:
-    """Channels per backward task: the largest divisor of ``channels`` that is at most
-    ``_SCATTER_MAX_BLOCK``, leaves at least ``_SCATTER_MIN_TASKS`` tasks and whose planes fit in
-    ``_SCATTER_PLANE_BYTES`` (one channel at least)."""
+def scatter_channel_block(outer_tasks: int, channels: int, pixels: int, dtype: str) -> int:
+    """Channels per backward task (``outer_tasks`` tasks per channel: images x channel groups):
+    the largest divisor of ``channels`` that is at most ``_SCATTER_MAX_BLOCK``, leaves at least
+    ``_SCATTER_MIN_TASKS`` tasks and whose planes fit in ``_SCATTER_PLANE_BYTES`` (one at least)."""
     plane = pixels * (8 if dtype == "float64" else 4)
     limit = min(_SCATTER_MAX_BLOCK, _SCATTER_PLANE_BYTES // max(plane, 1),
-                max(1, batch * channels // _SCATTER_MIN_TASKS))
+                max(1, outer_tasks * channels // _SCATTER_MIN_TASKS))
     for block in range(max(1, min(limit, channels)), 0, -1):
         if channels % block == 0:
             return block
@@ -385,60 +390,10 @@ def _region(buf):
     return buf[tuple(slice(0, int(d)) for d in buf.shape)]
 
 
-def scatter_bilinear_blocked(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid: te.Tensor,
-                             y: AxisTable, x: AxisTable) -> te.Tensor:
-    """Input gradient (N, C, H*W) of a bilinear gather whose output channel c reads input
-    channel c, row k of the tables (RoI Align, deformable RoI pooling): the adjoint scatter.
-
-    One parallel task per (batch, block of channels). It accumulates in a channels-last scratch
-    (H*W, block): for each RoI of its image, bin and active sample (``grid`` (R, 2)), it loads the
-    block's output gradients once and adds ``weight * grad`` to the four corners, each a
-    contiguous vector update; the scratch is transposed into the planes at the end.
-    """
-    N, C, P, dtype = s.batch, s.channels, s.pixels, s.dtype
-    R, PH, PW = s.rois, s.pooled_h, s.pooled_w
-    block = scatter_channel_block(N, C, P, dtype)
-    blocks = C // block
-    at_y, at_x = y.at, x.at
-
-    @T.prim_func(private=True, s_tir=True)
-    def scatter(g: T.Buffer(grad.shape, dtype), bidx: T.Buffer(batch_index.shape, "int32"),
-                grd: T.Buffer(grid.shape, "int32"), yi: T.Buffer(y.index.shape, "int32"),
-                yw: T.Buffer(y.weight.shape, dtype), xi: T.Buffer(x.index.shape, "int32"),
-                xw: T.Buffer(x.weight.shape, dtype), out: T.Buffer((N, C, P), dtype)):
-        for task in T.parallel(N * blocks):
-            with T.sblock("scatter"):
-                T.reads(_region(g), _region(bidx), _region(grd), _region(yi), _region(yw), _region(xi),
-                        _region(xw))
-                T.writes(out[task // blocks, (task % blocks) * block:(task % blocks) * block + block, 0:P])
-                acc = T.sblock_alloc_buffer((P, block), dtype)
-                bin_grad = T.sblock_alloc_buffer((block,), dtype)
-                b = task // blocks
-                c0 = (task % blocks) * block
-                for p in range(P):
-                    for ci in T.vectorized(block):
-                        acc[p, ci] = T.cast(0, dtype)
-                for k in range(R):
-                    if bidx[k] == b:
-                        for ph, pw in T.grid(PH, PW):
-                            for ci in range(block):
-                                bin_grad[ci] = g[k, c0 + ci, ph, pw]
-                            for iy in range(grd[k, 0]):
-                                for ix in range(grd[k, 1]):
-                                    for a, bb in T.grid(2, 2):
-                                        idx = at_y(yi, k, ph, pw, iy, a) + at_x(xi, k, ph, pw, ix, bb)
-                                        w = at_y(yw, k, ph, pw, iy, a) * at_x(xw, k, ph, pw, ix, bb)
-                                        for ci in T.vectorized(block):
-                                            acc[idx, ci] = acc[idx, ci] + w * bin_grad[ci]
-                for ci, p in T.grid(block, P):
-                    out[b, c0 + ci, p] = acc[p, ci]
-
-    return te.extern_primfunc([grad, batch_index, grid, y.index, y.weight, x.index, x.weight], scatter)
-
-
 class PositionSensitiveMap:
-    """Channel mapping of position-sensitive pooling: output channel ``co`` in bin (ph, pw) reads
-    input channel ``(co * GH + gh(ph)) * GW + gw(pw)`` and table row ``k * classes + co // per_class``."""
+    """Channel mapping of (position-sensitive) pooling: output channel ``co`` in bin (ph, pw) reads
+    input channel ``(co * GH + gh(ph)) * GW + gw(pw)`` and table row ``k * classes + co // per_class``.
+    Plain pooling is the one-group case (input channel = output channel, table row = RoI)."""
 
     def __init__(self, groups_h: int, groups_w: int, group_of_ph: Sequence[int], group_of_pw: Sequence[int],
                  out_channels: int, classes: int = 1):
@@ -447,6 +402,10 @@ class PositionSensitiveMap:
         self.out_channels, self.classes = out_channels, classes
         self.per_class = out_channels // classes
 
+    @classmethod
+    def plain(cls, s: RoIShape) -> "PositionSensitiveMap":
+        return cls(1, 1, [0] * s.pooled_h, [0] * s.pooled_w, s.channels)
+
     def channel(self, co, ph, pw):
         return (co * self.gh + lookup(self.group_of_ph, ph)) * self.gw + lookup(self.group_of_pw, pw)
 
@@ -454,14 +413,26 @@ class PositionSensitiveMap:
         return k * self.classes + co // self.per_class if self.classes > 1 else k
 
 
-def scatter_bilinear_position_sensitive(s: RoIShape, grad, batch_index, grid: te.Tensor,
-                                        y: AxisTable, x: AxisTable, psmap: PositionSensitiveMap) -> te.Tensor:
-    """Input gradient (N, C, H*W) of a position-sensitive bilinear gather: one parallel task per
-    (batch, input channel), which walks the RoIs of its image and the bins that read its channel."""
+def scatter_bilinear(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid: te.Tensor, y: AxisTable,
+                     x: AxisTable, psmap: Optional[PositionSensitiveMap] = None) -> te.Tensor:
+    """Input gradient (N, C, H*W) of a bilinear gather (``bilinear_gather``): its adjoint scatter.
+
+    One parallel task per (batch, channel group, block of output channels of one class). Channel
+    ``co`` of the block feeds input channel ``psmap.channel(co, ...)`` from the bins of the group
+    (every bin for plain pooling). A task accumulates in a channels-last scratch (H*W, block): for
+    each RoI of its image, bin of its group and active sample (``grid`` (R', 2)), it loads the
+    block's output gradients once and adds ``weight * grad`` to the four corners, each a contiguous
+    vector update; the scratch is transposed into the planes at the end.
+    """
+    psmap = psmap or PositionSensitiveMap.plain(s)
     N, C, P, dtype = s.batch, s.channels, s.pixels, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
     GH, GW = psmap.gh, psmap.gw
+    groups = GH * GW
     group_of_ph, group_of_pw = psmap.group_of_ph, psmap.group_of_pw
+    block = scatter_channel_block(N * groups, psmap.per_class, P, dtype)
+    blocks = psmap.out_channels // block
+    tasks = N * groups * blocks
     row_of = psmap.row
     at_y, at_x = y.at, x.at
 
@@ -470,30 +441,35 @@ def scatter_bilinear_position_sensitive(s: RoIShape, grad, batch_index, grid: te
                 grd: T.Buffer(grid.shape, "int32"), yi: T.Buffer(y.index.shape, "int32"),
                 yw: T.Buffer(y.weight.shape, dtype), xi: T.Buffer(x.index.shape, "int32"),
                 xw: T.Buffer(x.weight.shape, dtype), out: T.Buffer((N, C, P), dtype)):
-        for task in T.parallel(N * C):
+        for task in T.parallel(tasks):
             with T.sblock("scatter"):
                 T.reads(_region(g), _region(bidx), _region(grd), _region(yi), _region(yw), _region(xi),
                         _region(xw))
-                T.writes(out[task // C, task % C, 0:P])
-                b = task // C
-                c = task % C
-                co = c // (GH * GW)
-                gh = c // GW % GH
-                gw = c % GW
+                T.writes(out[task // (groups * blocks), 0:C, 0:P])
+                acc = T.sblock_alloc_buffer((P, block), dtype)
+                bin_grad = T.sblock_alloc_buffer((block,), dtype)
+                b = task // (groups * blocks)
+                group = task // blocks % groups
+                co0 = task % blocks * block
                 for p in range(P):
-                    out[b, c, p] = T.cast(0, dtype)
+                    for ci in T.vectorized(block):
+                        acc[p, ci] = T.cast(0, dtype)
                 for k in range(R):
                     if bidx[k] == b:
-                        r = row_of(k, co)
+                        r = row_of(k, co0)
                         for ph, pw in T.grid(PH, PW):
-                            if lookup(group_of_ph, ph) == gh and lookup(group_of_pw, pw) == gw:
-                                gval = g[k, co, ph, pw]
+                            if lookup(group_of_ph, ph) * GW + lookup(group_of_pw, pw) == group:
+                                for ci in range(block):
+                                    bin_grad[ci] = g[k, co0 + ci, ph, pw]
                                 for iy in range(grd[r, 0]):
                                     for ix in range(grd[r, 1]):
                                         for a, bb in T.grid(2, 2):
                                             idx = at_y(yi, r, ph, pw, iy, a) + at_x(xi, r, ph, pw, ix, bb)
                                             w = at_y(yw, r, ph, pw, iy, a) * at_x(xw, r, ph, pw, ix, bb)
-                                            out[b, c, idx] = out[b, c, idx] + w * gval
+                                            for ci in T.vectorized(block):
+                                                acc[idx, ci] = acc[idx, ci] + w * bin_grad[ci]
+                for ci, p in T.grid(block, P):
+                    out[b, (co0 + ci) * groups + group, p] = acc[p, ci]  # = psmap.channel(co, ph, pw)
 
     return te.extern_primfunc([grad, batch_index, grid, y.index, y.weight, x.index, x.weight], scatter)
 
@@ -537,6 +513,14 @@ def _ps_align_map(s: RoIShape) -> PositionSensitiveMap:
                                 s.channels // (s.pooled_h * s.pooled_w))
 
 
+def _ps_backward_inputs(wl: Workload):
+    """Shapes, RoIs, scalars, channel map and output-gradient placeholder of a PS backward kernel."""
+    s = RoIShape(wl)
+    _, rois, scalars = s.placeholders()
+    psmap = _ps_align_map(s)
+    return s, rois, scalars, psmap, s.grad_placeholder(psmap.out_channels)
+
+
 @register(ROI_ALIGN)
 def build_roi_align(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
@@ -551,9 +535,9 @@ def build_roi_align(wl: Workload) -> OperatorDef:
 def build_roi_align_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, scalars = s.placeholders()
-    grad = te.placeholder((s.rois, s.channels, s.pooled_h, s.pooled_w), s.dtype, name="grad_output")
+    grad = s.grad_placeholder()
     st = AlignStages(wl, wl["aligned"], rois, scalars)
-    grad_input = scatter_bilinear_blocked(s, grad, st.batch_index, st.grid, st.y, st.x)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x)
     return OperatorDef([grad, rois, scalars, grad_input])
 
 
@@ -571,12 +555,9 @@ def build_ps_roi_align(wl: Workload) -> OperatorDef:
 
 @register(PS_ROI_ALIGN + BACKWARD)
 def build_ps_roi_align_backward(wl: Workload) -> OperatorDef:
-    s = RoIShape(wl)
-    _, rois, scalars = s.placeholders()
-    psmap = _ps_align_map(s)
-    grad = te.placeholder((s.rois, psmap.out_channels, s.pooled_h, s.pooled_w), s.dtype, name="grad_output")
+    s, rois, scalars, psmap, grad = _ps_backward_inputs(wl)
     st = AlignStages(wl, True, rois, scalars)
-    grad_input = scatter_bilinear_position_sensitive(s, grad, st.batch_index, st.grid, st.y, st.x, psmap)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, psmap)
     return OperatorDef([grad, rois, scalars, grad_input])
 
 
@@ -676,9 +657,8 @@ def build_roi_pool(wl: Workload) -> OperatorDef:
 def build_roi_pool_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, _ = s.placeholders()
-    shape = (s.rois, s.channels, s.pooled_h, s.pooled_w)
-    grad = te.placeholder(shape, s.dtype, name="grad_output")
-    argmax = te.placeholder(shape, "int32", name="argmax")
+    grad = s.grad_placeholder()
+    argmax = s.grad_placeholder(dtype="int32", name="argmax")
     batch_index = roi_batch_index(s, rois)
     N, C, P, dtype = s.batch, s.channels, s.pixels, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
@@ -735,10 +715,7 @@ def build_ps_roi_pool(wl: Workload) -> OperatorDef:
 
 @register(PS_ROI_POOL + BACKWARD)
 def build_ps_roi_pool_backward(wl: Workload) -> OperatorDef:
-    s = RoIShape(wl)
-    _, rois, scalars = s.placeholders()
-    psmap = _ps_align_map(s)
-    grad = te.placeholder((s.rois, psmap.out_channels, s.pooled_h, s.pooled_w), s.dtype, name="grad_output")
+    s, rois, scalars, psmap, grad = _ps_backward_inputs(wl)
     st = PoolStages(wl, rois, scalars, position_sensitive=True)
     # Gradient per bin pixel: grad / area, zero for empty bins.
     share = te.compute(grad.shape, lambda k, co, ph, pw: te.if_then_else(
