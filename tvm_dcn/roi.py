@@ -716,6 +716,37 @@ class DeformRoIPoolingPack(DeformRoIPooling):
 
 
 # --------------------------------------------------------------------------------------------
+# Workloads of a network, for tuning
+
+
+def network_workloads(*, channels: int = 256, height: int = 50, width: int = 76, boxes: int = 512,
+                      output_size: int = 7, batch: int = 1, roi_align_sampling_ratio: int = 2,
+                      deform_sampling_ratio: int = 0, backward: bool = True, dtype: str = "float32") -> list:
+    """The RoI kernels one pass of a two-stage detector's box head runs on one feature map (by
+    default 512 boxes to 7x7 on the 256-channel stride-16 map of an 800x1216 image):
+
+    - ``roi_align`` (torchvision's ``MultiScaleRoIAlign`` samples 2 x 2 per bin) and its backward;
+    - ``DeformRoIPoolPack`` (mmcv's defaults: adaptive sampling): pooling without offsets, then
+      with the predicted offsets; backward: input gradients of both, offset gradient of the second.
+
+    Adaptive sampling workloads use the bound of boxes inside the map (the bridge measures each
+    call's boxes, so smaller boxes hit smaller, bucketed bounds)."""
+    common = dict(batch=batch, channels=channels, height=height, width=width, num_rois=boxes,
+                  output_size=(output_size, output_size), dtype=dtype)
+    kernels = [roi_align_workload(**common, sampling_ratio=roi_align_sampling_ratio)]
+    if backward:
+        kernels.append(roi_align_workload(**common, sampling_ratio=roi_align_sampling_ratio, backward=True))
+    deform = dict(common, sampling_ratio=deform_sampling_ratio)
+    for with_offset in (False, True):
+        kernels.append(deform_roi_pool_workload(**deform, with_offset=with_offset))
+        if backward:
+            kernels.append(deform_roi_pool_workload(**deform, with_offset=with_offset, backward="input"))
+    if backward:
+        kernels.append(deform_roi_pool_workload(**deform, with_offset=True, backward="params"))
+    return kernels
+
+
+# --------------------------------------------------------------------------------------------
 # Benchmark
 
 
