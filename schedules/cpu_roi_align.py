@@ -1,7 +1,7 @@
 """CPU hand schedules for the RoI pooling family (``tvm_dcn/ops/roi_align.py``, ``deform_roi_pool.py``).
 
 Gathers (the forward ``output`` stage of RoI Align, PS RoI Align, deformable RoI pooling and
-deformable PS RoI pooling; the average of PS RoI Pool):
+deformable PS RoI pooling; the max and average reductions of RoI Pool and PS RoI Pool):
 
 - The input is copied channels-last, (N, H*W, C) (position-sensitive operators: (N, groups, H*W,
   C / groups), so that the channels one group of bins reads are contiguous): a cached read with
@@ -12,12 +12,12 @@ deformable PS RoI pooling; the average of PS RoI Pool):
   accumulates in registers (a local cache of the output) across the samples of a bin.
 - RoIs are distributed over the cores.
 
-RoI Pool's max reduction also yields the argmax, two outputs that a local accumulator cannot
-cache: it keeps the planes' layout (a bin's rows are contiguous) with (RoI, channel) in parallel.
+RoI Pool's max reduction also yields the argmax: both outputs get a local cache (the reduction
+combines them with selects, which vectorise; TVM's vectoriser miscompiles ``if_then_else`` there).
 
 Interpolation tables and the other per-RoI stages are small: parallel over RoIs. The backward
-scatters are TVMScript stages that carry their own parallel loops; the gathers of the offset/mask/
-trans gradients are parallel over table rows and read the channels-last input.
+scatters are TVMScript stages that carry their own parallel loops; the offset/mask/trans
+gradients reduce over channels in vector lanes (``rfactor``) from the channels-last input.
 """
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def vector_gather(sch: Schedule, name: str, channels: int, dtype: str, target, r
     vectors = 2 if channels % (2 * lanes) == 0 else 1
     c_block, c_vec, c_lane = sch.split(c, [None, vectors, lanes])
     sch.reorder(k, ph, pw, c_block, *reduction, c_vec, c_lane)
-    accumulator = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(accumulator, c_block)
+    caches = [sch.cache_write(block, i, "local") for i in range(len(sch.get(block).writes))]  # RoI Pool: 2
+    for cache in caches:
+        sch.reverse_compute_at(cache, c_block)
     sch.unroll(c_vec)
     if lanes > 1:
         sch.vectorize(c_lane)
@@ -120,11 +121,7 @@ def schedule_deform_psroi_pool(sch: Schedule, workload, target) -> None:
 
 
 def schedule_roi_pool(sch: Schedule, workload, target) -> None:
-    """Max pooling with argmax (a two-output reduction, which a local cache cannot hold): planes
-    in their own layout, whose bin rows are contiguous; (RoI, channel) pairs in parallel."""
-    loops = sch.get_loops(sch.get_sblock("pool_max"))
-    sch.parallel(sch.fuse(loops[0], loops[1]))
-    parallel_rows(sch, [n for n in _ROW_STAGES if n != "pool_max"])
+    _schedule_forward(sch, workload, target, 1, workload["channels"], reduce_block="pool_max")
 
 
 def schedule_ps_roi_pool(sch: Schedule, workload, target) -> None:
@@ -138,9 +135,25 @@ def schedule_backward(sch: Schedule, workload, target) -> None:
 
 
 def schedule_params_backward(sch: Schedule, workload, target) -> None:
-    """Offset/mask/trans gradients: per-corner channel sums read the input channels-last, in
-    parallel over table rows; the weighting stages are small."""
+    """Offset/mask/trans gradients. ``corner_grad`` (rows, bins, samples, corner; reduction over
+    channels) reads the input channels-last; its channel reduction is split into vector lanes
+    (``rfactor``): each lane accumulates a strided slice of the channels for all of a bin's
+    sample corners in registers, the lanes are summed at the end. Parallel over table rows; the
+    weighting stages are small."""
     corner = sch.get_sblock("corner_grad")
-    channels_last_input(sch, corner, 1)
+    group = workload.as_dict()["params"].get("group_size", 1)
+    channels_last_input(sch, corner, group * group)
+    *spatial, j = sch.get_loops(corner)
+    lanes = largest_divisor(int(sch.get(j).extent), vector_lanes(workload.dtype, target))
+    if lanes > 1:
+        j_outer, j_lane = sch.split(j, [None, lanes])
+        partial = sch.rfactor(j_lane, len(spatial))
+        r, ph, pw, iy, ix, q, j_outer, j_lane = sch.get_loops(partial)
+        sch.reorder(r, ph, pw, j_outer, iy, ix, q, j_lane)
+        sch.reverse_compute_at(sch.cache_write(partial, 0, "local"), pw)
+        sch.vectorize(j_lane)
+        sch.parallel(r)
+        sch.decompose_reduction(partial, j_outer)
+        corner = sch.get_sblock("corner_grad")
     sch.parallel(sch.get_loops(corner)[0])
     parallel_rows(sch)

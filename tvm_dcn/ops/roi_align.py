@@ -620,7 +620,8 @@ class PoolStages:
 def _argmax_reducer(dtype):
     def combine(x, y):
         take = y[0] > x[0]  # strict: the first maximum in row-major order wins, as in torchvision
-        return te.if_then_else(take, y[0], x[0]), te.if_then_else(take, y[1], x[1])
+        # Selects (not if_then_else): both sides are plain values, and they vectorise correctly.
+        return tirx.Select(take, y[0], x[0]), tirx.Select(take, y[1], x[1])
 
     def identity(t0, t1):
         return tirx.const(-FLT_MAX, t0), tirx.const(-1, t1)
