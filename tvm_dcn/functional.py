@@ -12,8 +12,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from torch.autograd.function import once_differentiable
-
 from . import kernel as _kernel
 from .ops.deform_conv import backward_data_workload, backward_weight_workload, forward_workload, output_size
 
@@ -268,6 +266,16 @@ def _(grad_output, input, offset, weight, mask, with_bias, stride, padding, dila
                  for t, need in zip(shapes, needs))
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("tvm_dcn.deform_conv2d: double backward (differentiating its gradients) is not supported")
+
+
+# Gradients computed with create_graph=True record this op (with edges to the forward's inputs);
+# differentiating them then raises, as torchvision does, instead of finding no path to the inputs
+# (an unclear error, or silently None with allow_unused=True).
+_backward_op.register_autograd(_no_double_backward)
+
+
 class DeformConv2dFunction(torch.autograd.Function):
     """Autograd for :func:`deform_conv2d` (first derivatives; double backward is not supported)."""
 
@@ -278,7 +286,6 @@ class DeformConv2dFunction(torch.autograd.Function):
         return _forward_op(input, offset, weight, bias, mask, list(stride), list(padding), list(dilation))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         input, offset, weight, mask = ctx.saved_tensors
         stride, padding, dilation, with_bias = ctx.conv
