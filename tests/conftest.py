@@ -201,3 +201,59 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional
             f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance (rtol={rtol}, atol={atol:.3g}); "
             f"max abs err {err.nan_to_num(float('inf')).max().item():.3g}, max |expected| {scale:.3g}; "
             f"first at {idx}: got {act[idx].item()!r}, expected {exp[idx].item()!r}")
+
+
+def reference_deform_conv2d_autograd(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
+                                     mask=None) -> torch.Tensor:
+    """Differentiable float64 implementation of the documented semantics, for gradients.
+
+    Autograd through it gives torchvision's gradients: each tap samples its 4 bilinear corners
+    (``floor`` of the position and the next integer), corners outside the image count as zero,
+    and the weights ``frac`` / ``1 - frac`` make the derivative at an integer position the
+    one-sided (right) one. A non-finite position is replaced by -2 (all corners outside) with
+    ``torch.where`` *before* any arithmetic, so its gradient is exactly zero, not NaN. Unlike
+    :func:`reference_deform_conv2d` it loops over taps and corners, a second formulation.
+    """
+    x = input.to(torch.float64)
+    n, c, h, w = x.shape
+    out_channels, group_channels, kh, kw = weight.shape
+    taps = kh * kw
+    og = offset.shape[1] // (2 * taps)
+    oh, ow = offset.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    off = offset.to(torch.float64).reshape(n, og, taps, 2, oh, ow)
+    planes = x.reshape(n, og, c // og, h * w)
+    columns = []  # per tap: (n, og, c/og, oh, ow)
+    for tap in range(taps):
+        i, j = divmod(tap, kw)
+        pos_y = (torch.arange(oh, dtype=torch.float64) * sh - ph + i * dh).view(oh, 1) + off[:, :, tap, 0]
+        pos_x = (torch.arange(ow, dtype=torch.float64) * sw - pw + j * dw).view(1, ow) + off[:, :, tap, 1]
+        finite = torch.isfinite(pos_y) & torch.isfinite(pos_x)
+        pos_y = torch.where(finite, pos_y, torch.full_like(pos_y, -2.0))
+        pos_x = torch.where(finite, pos_x, torch.full_like(pos_x, -2.0))
+        # Clamp far-away (huge but finite) positions so the integer conversion below is defined;
+        # everything beyond the image stays beyond it.
+        floor_y = torch.floor(pos_y.detach()).clamp(-2, h + 1)
+        floor_x = torch.floor(pos_x.detach()).clamp(-2, w + 1)
+        frac_y, frac_x = pos_y - floor_y, pos_x - floor_x
+        sample = 0
+        for dy in (0, 1):
+            for dx in (0, 1):
+                row, col = floor_y + dy, floor_x + dx
+                inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+                corner_weight = (frac_y if dy else 1 - frac_y) * (frac_x if dx else 1 - frac_x)
+                corner_weight = torch.where(inside, corner_weight, torch.zeros_like(corner_weight))
+                index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long().view(n, og, 1, oh * ow)
+                values = torch.gather(planes, 3, index.expand(n, og, c // og, oh * ow)).view(n, og, c // og, oh, ow)
+                sample = sample + corner_weight.unsqueeze(2) * values
+        if mask is not None:
+            sample = sample * mask.to(torch.float64)[:, tap::taps].reshape(n, og, 1, oh, ow)
+        columns.append(sample.reshape(n, c, oh * ow))
+    groups = c // group_channels
+    # (n, c, taps, P) -> (n, groups, c/groups * taps, P): the row order of weight.view(cout, -1).
+    cols = torch.stack(columns, dim=2).reshape(n, groups, group_channels * taps, oh * ow)
+    wg = weight.to(torch.float64).reshape(groups, out_channels // groups, group_channels * taps)
+    out = torch.einsum("gok,ngkp->ngop", wg, cols).reshape(n, out_channels, oh, ow)
+    if bias is not None:
+        out = out + bias.to(torch.float64).view(1, -1, 1, 1)
+    return out
