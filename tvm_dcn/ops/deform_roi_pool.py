@@ -30,12 +30,15 @@ outside the image.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 from tvm import te, tirx
 
 from ..workload import Workload
 from . import OperatorDef, register
 from .roi_align import (BACKWARD, AxisTable, Interpolation, PositionSensitiveMap, RoIShape, _align_params, _pair,
-                        align_geometry, bilinear_gather, float_floor_table, lookup, roi_batch_index, roi_bucket,
+                        align_geometry, bilinear_gather, inverse_count, lookup, roi_batch_index, roi_bucket,
                         round_half_away, sample_grid, scatter_bilinear)
 
 DEFORM_ROI_POOL = "deform_roi_pool"
@@ -66,6 +69,13 @@ def deform_psroi_pool_workload(*, batch, channels, height, width, num_rois, outp
                          group_size=group_size, output_size=(pooled_size, pooled_size),
                          part_size=pooled_size if not part_size else part_size, sample_per_part=sample_per_part,
                          num_classes=1 if no_trans else num_classes, no_trans=bool(no_trans))
+
+
+def float_floor_table(count: int, expression: Callable, dtype: str) -> list[int]:
+    """``floor(expression(float_type, i))`` for i < count: a float expression of small ints,
+    evaluated in ``dtype`` as the reference C code does (e.g. ``floor(ph / P * part_size)``)."""
+    np_type = np.float64 if dtype == "float64" else np.float32
+    return [int(np.floor(expression(np_type, i))) for i in range(count)]
 
 
 def _suffix(backward) -> str:
@@ -126,8 +136,7 @@ class DeformStages:
         self.batch_index = roi_batch_index(s, rois)
         geo = self.geometry = align_geometry(s, rois, scalars, 0.5, None)
         grid = self.grid = sample_grid(s, geo, self.batch_index, wl["sampling_ratio"], self.bound)
-        self.inv_count = te.compute(
-            (s.rois,), lambda k: s.const(1) / te.max(grid[k, 0] * grid[k, 1], 1).astype(s.dtype), name="roi_inv_count")
+        self.inv_count = inverse_count(s, grid)
         self.gamma = scalars[1]
         self.offset, self.mask = offset, mask
 

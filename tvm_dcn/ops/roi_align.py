@@ -34,14 +34,15 @@ are built from the same stages:
 Backward passes are scatters into the input gradient. ``te.compute`` cannot scatter and the CPU
 has no atomics, so they are written in TVMScript (``te.extern_primfunc``) with one parallel task
 per block of (batch, channel) planes, which never collide; every task loops over all RoIs of its
-batch in order, so gradients are deterministic. Each task zeroes its planes first.
+batch in order, so gradients are deterministic. The bilinear scatter accumulates a block of
+channels in a channels-last scratch (one vector update per sample corner) and transposes it into
+the planes at the end.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 from tvm import te, tirx
 from tvm.script import tirx as T
 
@@ -229,12 +230,16 @@ def align_geometry(s: RoIShape, rois, scalars, shift: float, min_size: Optional[
     return te.compute((s.rois, 2, 3), field, name="roi_geometry")
 
 
-def sample_grid(s: RoIShape, geometry, batch_index, sampling_ratio: int, bound: Sequence[int],
-                rows: Optional[int] = None, roi_of: Callable = lambda r: r) -> te.Tensor:
-    """(R', 2) samples per bin along (y, x): ``sampling_ratio`` or ``ceil(bin size)`` (adaptive),
-    clamped to [0, bound]; 0 for padding rows. Row r describes RoI ``roi_of(r)``."""
-    def grid(r, axis):
-        k = roi_of(r)
+def inverse_count(s: RoIShape, grid: te.Tensor) -> te.Tensor:
+    """(R,) 1 / max(samples per bin, 1): the averaging factor, folded into the y weights."""
+    return te.compute((s.rois,), lambda k: s.const(1) / te.max(grid[k, 0] * grid[k, 1], 1).astype(s.dtype),
+                      name="roi_inv_count")
+
+
+def sample_grid(s: RoIShape, geometry, batch_index, sampling_ratio: int, bound: Sequence[int]) -> te.Tensor:
+    """(R, 2) samples per bin along (y, x): ``sampling_ratio`` or ``ceil(bin size)`` (adaptive),
+    clamped to [0, bound]; 0 for padding rows."""
+    def grid(k, axis):
         if sampling_ratio > 0:
             n = tirx.const(sampling_ratio, "int32")
         else:
@@ -242,7 +247,7 @@ def sample_grid(s: RoIShape, geometry, batch_index, sampling_ratio: int, bound: 
             n = te.min(te.max(n, 0), te.if_then_else(axis == 0, bound[0], bound[1]))
         return te.if_then_else(batch_index[k] >= 0, n, 0)
 
-    return te.compute((rows or s.rois, 2), grid, name="roi_grid")
+    return te.compute((s.rois, 2), grid, name="roi_grid")
 
 
 class Interpolation:
@@ -489,8 +494,7 @@ class AlignStages:
         geo = self.geometry = align_geometry(s, rois, scalars, 0.5 if aligned else 0.0,
                                              None if aligned else 1.0)
         grid = self.grid = sample_grid(s, geo, self.batch_index, self.sampling_ratio, self.bound)
-        inv_count = te.compute(
-            (s.rois,), lambda k: s.const(1) / te.max(grid[k, 0] * grid[k, 1], 1).astype(s.dtype), name="roi_inv_count")
+        inv_count = inverse_count(s, grid)
 
         def position(axis):
             def pos(k, ph, pw, i):
@@ -748,9 +752,3 @@ def build_ps_roi_pool_backward(wl: Workload) -> OperatorDef:
 
     grad_input = te.extern_primfunc([share, bidx_t, rows_t, cols_t], scatter)
     return OperatorDef([grad, rois, scalars, grad_input])
-
-
-def float_floor_table(count: int, numerator: Callable, dtype: str) -> list[int]:
-    """``floor`` of a float expression of small ints, evaluated in ``dtype`` exactly as C does."""
-    np_type = np.float64 if dtype == "float64" else np.float32
-    return [int(np.floor(numerator(np_type, i))) for i in range(count)]
