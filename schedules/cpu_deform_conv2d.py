@@ -87,14 +87,17 @@ def schedule_backward_weight(sch: Schedule, workload, target) -> None:
         co_outer, co_inner = sch.split(co, [None, rows])
         r_outer, r_inner = sch.split(r, [None, r_lanes])
         sch.reorder(co_outer, r_outer, n, p, co_inner, r_inner)
-        sch.parallel(sch.fuse(co_outer, r_outer))
+        tasks = sch.fuse(co_outer, r_outer)
+        sch.parallel(tasks)
         accumulator = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(accumulator, sch.get_loops(block)[0])
+        sch.reverse_compute_at(accumulator, tasks)
         sch.unroll(co_inner)
         sch.vectorize(r_inner)
         sch.decompose_reduction(block, n)
-        acc_loops = sch.get_loops(accumulator)
-        sch.unroll(acc_loops[-2])
-        sch.vectorize(acc_loops[-1])
+        # The accumulator's (co_inner, r_inner) loops; a unit extent (1x1 depthwise) leaves none.
+        acc_loops = sch.get_loops(accumulator)[1:]
+        if len(acc_loops) == 2:
+            sch.unroll(acc_loops[0])
+            sch.vectorize(acc_loops[1])
     if workload["with_bias"]:
         sch.parallel(sch.get_loops(sch.get_sblock("grad_bias"))[0])

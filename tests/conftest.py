@@ -15,7 +15,9 @@ import dataclasses
 from typing import Optional
 
 import pytest
-import torch
+
+import tvm_dcn  # noqa: F401  (before torch: tvm_dcn sets OMP_WAIT_POLICY=PASSIVE while it still can)
+import torch  # noqa: E402
 
 SEED = 20240611
 

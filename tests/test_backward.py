@@ -156,23 +156,6 @@ def _check_against_torchvision(cfg: Config, inputs: dict, generator) -> dict:
     return actual
 
 
-def _hits_weight_schedule_bug(cfg: Config) -> bool:
-    return cfg.out_channels // cfg.groups == 1 and cfg.in_channels // cfg.groups * cfg.kh * cfg.kw == 1
-
-
-# Kernel bug, reported, not fixed here (schedules/ belongs to another change).
-WEIGHT_SCHEDULE_BUG = pytest.mark.xfail(
-    strict=True, raises=IndexError,
-    reason="schedules/cpu_deform_conv2d.py schedule_backward_weight: sch.unroll(acc_loops[-2]) raises "
-           "IndexError when output channels per group and C/groups*KH*KW are both 1 (the accumulator's "
-           "unit loops are gone), e.g. a depthwise 1x1 conv: the weight-gradient kernel does not build")
-
-
-def _sweep(configs):
-    return [pytest.param(c, id=c.ident(), marks=[WEIGHT_SCHEDULE_BUG] if _hits_weight_schedule_bug(c) else [])
-            for c in configs]
-
-
 # The first 12 rows of the forward tests' pairwise sweep: every value of every parameter in
 # float32 and in float64 (checked below; each shape costs two backward kernels to build), offsets
 # of spread 1 and 10 (many samples off the image); and the gradcheck set (kernels already built).
@@ -187,18 +170,16 @@ def test_sweep_covers_every_value_in_both_dtypes():
     assert values(SWEEP) == values(PAIRWISE)
 
 
-@pytest.mark.parametrize("cfg", _sweep(SWEEP + GRADCHECK))
+@pytest.mark.parametrize("cfg", SWEEP + GRADCHECK, ids=Config.ident)
 def test_gradients_match_torchvision(cfg: Config, generator):
     _check_against_torchvision(cfg, make_inputs(cfg, generator), generator)
 
 
-@WEIGHT_SCHEDULE_BUG
 @pytest.mark.parametrize("channels", [1, 3], ids=["single-channel", "depthwise"])
 def test_weight_gradient_of_a_1x1_conv_with_one_channel_per_group(channels, generator):
-    """Minimal reproduction of the schedule bug: weight (C, 1, 1, 1), groups = C."""
+    """Weight (C, 1, 1, 1), groups = C: the weight-gradient GEMM has unit tiles."""
     cfg = Config(batch=1, in_channels=channels, height=4, width=4, out_channels=channels, kernel=1,
                  groups=channels, bias=False)
-    assert _hits_weight_schedule_bug(cfg)
     inputs = make_inputs(cfg, generator)
     grad_out = random_grad_output(cfg, generator)
     _, grads = gradients(_tvm, cfg, inputs, grad_out, wrt=("weight",))
