@@ -29,7 +29,7 @@ from .cpu_common import largest_divisor, vector_lanes
 _ROW_STAGES = ("roi_batch", "roi_geometry", "roi_grid", "roi_inv_count", "y_position", "x_position", "y_index",
                "y_weight", "x_index", "x_weight", "y_count", "x_count", "y_inv_count", "x_inv_count", "y_slope",
                "x_slope", "y_weight_unmasked", "row_bins", "col_bins", "sample_grad", "grad_offset", "grad_mask",
-               "grad_trans", "bin_share", "output", "argmax")
+               "grad_trans", "bin_scale", "bin_share", "output", "argmax")
 
 
 def _blocks(sch: Schedule, names) -> list:
@@ -126,7 +126,7 @@ def schedule_roi_pool(sch: Schedule, workload, target) -> None:
 
 def schedule_ps_roi_pool(sch: Schedule, workload, target) -> None:
     ph, pw = workload["output_size"]
-    _schedule_forward(sch, workload, target, ph * pw, workload["channels"] // (ph * pw), reduce_block="pool_sum")
+    _schedule_forward(sch, workload, target, ph * pw, workload["channels"] // (ph * pw))
 
 
 def schedule_backward(sch: Schedule, workload, target) -> None:

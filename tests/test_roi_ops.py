@@ -175,3 +175,25 @@ def test_gradcheck(data, op, kwargs):
     xr = x.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: fn(t, boxes, OUT, SCALE, **kwargs), (xr,), eps=1e-6, atol=1e-7,
                                     nondet_tol=0.0)
+
+
+def test_block_names_are_unique():
+    """MetaSchedule (the tuner) refuses PrimFuncs with two blocks of one name; the TVMScript scatter
+    stages of the backward kernels must not bring a second "root" block along."""
+    import re
+
+    from tvm_dcn.kernel import primfunc
+    from tvm_dcn.ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
+    from tvm_dcn.ops.roi_align import ps_roi_align_workload, roi_align_workload, roi_pool_workload
+
+    common = dict(batch=1, height=6, width=7, num_rois=16)
+    workloads = [roi_align_workload(channels=8, output_size=2, sampling_ratio=2, backward=True, **common),
+                 roi_pool_workload(channels=8, output_size=2, backward=True, **common),
+                 roi_pool_workload(channels=8, output_size=2, position_sensitive=True, backward=True, **common),
+                 ps_roi_align_workload(channels=8, output_size=2, sampling_ratio=-1, backward=True, **common),
+                 deform_roi_pool_workload(channels=8, output_size=2, backward="input", **common),
+                 deform_psroi_pool_workload(channels=8, output_dim=2, group_size=2, pooled_size=2, backward="input",
+                                            **common)]
+    for wl in workloads:
+        names = re.findall(r'T\.sblock\("([^"]+)"', primfunc(wl).script())
+        assert "scatter" in names and len(names) == len(set(names)), (wl.short_name(), sorted(names))

@@ -446,35 +446,36 @@ def scatter_bilinear(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid:
                 grd: T.Buffer(grid.shape, "int32"), yi: T.Buffer(y.index.shape, "int32"),
                 yw: T.Buffer(y.weight.shape, dtype), xi: T.Buffer(x.index.shape, "int32"),
                 xw: T.Buffer(x.weight.shape, dtype), out: T.Buffer((N, C, P), dtype)):
-        for task in T.parallel(tasks):
-            with T.sblock("scatter"):
-                T.reads(_region(g), _region(bidx), _region(grd), _region(yi), _region(yw), _region(xi),
-                        _region(xw))
-                T.writes(out[task // (groups * blocks), 0:C, 0:P])
-                acc = T.sblock_alloc_buffer((P, block), dtype)
-                bin_grad = T.sblock_alloc_buffer((block,), dtype)
-                b = task // (groups * blocks)
-                group = task // blocks % groups
-                co0 = task % blocks * block
-                for p in range(P):
-                    for ci in T.vectorized(block):
-                        acc[p, ci] = T.cast(0, dtype)
-                for k in range(R):
-                    if bidx[k] == b:
-                        r = row_of(k, co0)
-                        for ph, pw in T.grid(PH, PW):
-                            if lookup(group_of_ph, ph) * GW + lookup(group_of_pw, pw) == group:
-                                for ci in range(block):
-                                    bin_grad[ci] = g[k, co0 + ci, ph, pw]
-                                for iy in range(grd[r, 0]):
-                                    for ix in range(grd[r, 1]):
-                                        for a, bb in T.grid(2, 2):
-                                            idx = at_y(yi, r, ph, pw, iy, a) + at_x(xi, r, ph, pw, ix, bb)
-                                            w = at_y(yw, r, ph, pw, iy, a) * at_x(xw, r, ph, pw, ix, bb)
-                                            for ci in T.vectorized(block):
-                                                acc[idx, ci] = acc[idx, ci] + w * bin_grad[ci]
-                for ci, p in T.grid(block, P):
-                    out[b, (co0 + ci) * groups + group, p] = acc[p, ci]  # = psmap.channel(co, ph, pw)
+        with T.sblock("scatter_root"):  # named: the PrimFunc has its own "root"
+            for task in T.parallel(tasks):
+                with T.sblock("scatter"):
+                    T.reads(_region(g), _region(bidx), _region(grd), _region(yi), _region(yw), _region(xi),
+                            _region(xw))
+                    T.writes(out[task // (groups * blocks), 0:C, 0:P])
+                    acc = T.sblock_alloc_buffer((P, block), dtype)
+                    bin_grad = T.sblock_alloc_buffer((block,), dtype)
+                    b = task // (groups * blocks)
+                    group = task // blocks % groups
+                    co0 = task % blocks * block
+                    for p in range(P):
+                        for ci in T.vectorized(block):
+                            acc[p, ci] = T.cast(0, dtype)
+                    for k in range(R):
+                        if bidx[k] == b:
+                            r = row_of(k, co0)
+                            for ph, pw in T.grid(PH, PW):
+                                if lookup(group_of_ph, ph) * GW + lookup(group_of_pw, pw) == group:
+                                    for ci in range(block):
+                                        bin_grad[ci] = g[k, co0 + ci, ph, pw]
+                                    for iy in range(grd[r, 0]):
+                                        for ix in range(grd[r, 1]):
+                                            for a, bb in T.grid(2, 2):
+                                                idx = at_y(yi, r, ph, pw, iy, a) + at_x(xi, r, ph, pw, ix, bb)
+                                                w = at_y(yw, r, ph, pw, iy, a) * at_x(xw, r, ph, pw, ix, bb)
+                                                for ci in T.vectorized(block):
+                                                    acc[idx, ci] = acc[idx, ci] + w * bin_grad[ci]
+                    for ci, p in T.grid(block, P):
+                        out[b, (co0 + ci) * groups + group, p] = acc[p, ci]  # = psmap.channel(co, ph, pw)
 
     return te.extern_primfunc([grad, batch_index, grid, y.index, y.weight, x.index, x.weight], scatter)
 
@@ -673,27 +674,35 @@ def build_roi_pool_backward(wl: Workload) -> OperatorDef:
     @T.prim_func(private=True, s_tir=True)
     def scatter(g: T.Buffer(grad.shape, dtype), am: T.Buffer(argmax.shape, "int32"),
                 bidx: T.Buffer(batch_index.shape, "int32"), out: T.Buffer((N, C, P), dtype)):
-        for task in T.parallel(N * blocks):
-            with T.sblock("scatter"):
-                T.reads(_region(g), _region(am), _region(bidx))
-                T.writes(out[task // blocks, (task % blocks) * block:(task % blocks) * block + block, 0:P])
-                b = task // blocks
-                c0 = (task % blocks) * block
-                for ci, p in T.grid(block, P):
-                    out[b, c0 + ci, p] = T.cast(0, dtype)
-                for k in range(R):
-                    if bidx[k] == b:
-                        for ci, ph, pw in T.grid(block, PH, PW):
-                            if am[k, c0 + ci, ph, pw] >= 0:
-                                out[b, c0 + ci, am[k, c0 + ci, ph, pw]] = (
-                                    out[b, c0 + ci, am[k, c0 + ci, ph, pw]] + g[k, c0 + ci, ph, pw])
+        with T.sblock("scatter_root"):  # named: the PrimFunc has its own "root"
+            for task in T.parallel(N * blocks):
+                with T.sblock("scatter"):
+                    T.reads(_region(g), _region(am), _region(bidx))
+                    T.writes(out[task // blocks, (task % blocks) * block:(task % blocks) * block + block, 0:P])
+                    b = task // blocks
+                    c0 = (task % blocks) * block
+                    for ci, p in T.grid(block, P):
+                        out[b, c0 + ci, p] = T.cast(0, dtype)
+                    for k in range(R):
+                        if bidx[k] == b:
+                            for ci, ph, pw in T.grid(block, PH, PW):
+                                if am[k, c0 + ci, ph, pw] >= 0:
+                                    out[b, c0 + ci, am[k, c0 + ci, ph, pw]] = (
+                                        out[b, c0 + ci, am[k, c0 + ci, ph, pw]] + g[k, c0 + ci, ph, pw])
 
     grad_input = te.extern_primfunc([grad, argmax, batch_index], scatter)
     return OperatorDef([grad, argmax, rois, grad_input])
 
 
-def _ps_pool_area(st: PoolStages, k, ph, pw):
-    return ((st.rows[k, ph, 1] - st.rows[k, ph, 0]) * (st.cols[k, pw, 1] - st.cols[k, pw, 0])).astype(st.s.dtype)
+def _ps_pool_scale(st: PoolStages) -> te.Tensor:
+    """(R, PH, PW): 1 / bin area, 0 for empty bins (the average's factor, folded into the sum)."""
+    s = st.s
+
+    def scale(k, ph, pw):
+        area = (st.rows[k, ph, 1] - st.rows[k, ph, 0]) * (st.cols[k, pw, 1] - st.cols[k, pw, 0])
+        return te.if_then_else(st.empty(k, ph, pw), s.const(0), s.const(1) / area.astype(s.dtype))
+
+    return te.compute((s.rois, s.pooled_h, s.pooled_w), scale, name="bin_scale")
 
 
 @register(PS_ROI_POOL)
@@ -702,19 +711,17 @@ def build_ps_roi_pool(wl: Workload) -> OperatorDef:
     data, rois, scalars = s.placeholders()
     st = PoolStages(wl, rois, scalars, position_sensitive=True)
     psmap = _ps_align_map(s)
+    bin_scale = _ps_pool_scale(st)
     dh = te.reduce_axis((0, st.bound[0]), name="dh")
     dw = te.reduce_axis((0, st.bound[1]), name="dw")
 
     def pool(k, co, ph, pw):
         inside, idx = st.pixel(k, ph, pw, dh, dw)
         b = te.max(st.batch_index[k], 0)
-        value = data[b, psmap.channel(co, ph, pw), te.if_then_else(inside, idx, 0)]
+        value = data[b, psmap.channel(co, ph, pw), te.if_then_else(inside, idx, 0)] * bin_scale[k, ph, pw]
         return te.sum(te.if_then_else(inside, value, s.const(0)), axis=[dh, dw])
 
-    shape = (s.rois, psmap.out_channels, s.pooled_h, s.pooled_w)
-    total = te.compute(shape, pool, name="pool_sum")
-    out = te.compute(shape, lambda k, co, ph, pw: te.if_then_else(
-        st.empty(k, ph, pw), s.const(0), total[k, co, ph, pw] / _ps_pool_area(st, k, ph, pw)), name="output")
+    out = te.compute((s.rois, psmap.out_channels, s.pooled_h, s.pooled_w), pool, name="output")
     return OperatorDef([data, rois, scalars, out])
 
 
@@ -723,8 +730,8 @@ def build_ps_roi_pool_backward(wl: Workload) -> OperatorDef:
     s, rois, scalars, psmap, grad = _ps_backward_inputs(wl)
     st = PoolStages(wl, rois, scalars, position_sensitive=True)
     # Gradient per bin pixel: grad / area, zero for empty bins.
-    share = te.compute(grad.shape, lambda k, co, ph, pw: te.if_then_else(
-        st.empty(k, ph, pw), s.const(0), grad[k, co, ph, pw] / _ps_pool_area(st, k, ph, pw)), name="bin_share")
+    bin_scale = _ps_pool_scale(st)
+    share = te.compute(grad.shape, lambda k, co, ph, pw: grad[k, co, ph, pw] * bin_scale[k, ph, pw], name="bin_share")
     N, C, P, W, dtype = s.batch, s.channels, s.pixels, s.width, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
     rows_t, cols_t, bidx_t = st.rows, st.cols, st.batch_index
@@ -733,22 +740,23 @@ def build_ps_roi_pool_backward(wl: Workload) -> OperatorDef:
     def scatter(g: T.Buffer(share.shape, dtype), bidx: T.Buffer(bidx_t.shape, "int32"),
                 rows: T.Buffer(rows_t.shape, "int32"), cols: T.Buffer(cols_t.shape, "int32"),
                 out: T.Buffer((N, C, P), dtype)):
-        for task in T.parallel(N * C):
-            with T.sblock("scatter"):
-                T.reads(_region(g), _region(bidx), _region(rows), _region(cols))
-                T.writes(out[task // C, task % C, 0:P])
-                b = task // C
-                c = task % C
-                co = c // (PH * PW)
-                ph = c // PW % PH
-                pw = c % PW
-                for p in range(P):
-                    out[b, c, p] = T.cast(0, dtype)
-                for k in range(R):
-                    if bidx[k] == b:
-                        for h in range(rows[k, ph, 0], rows[k, ph, 1]):
-                            for w in range(cols[k, pw, 0], cols[k, pw, 1]):
-                                out[b, c, h * W + w] = out[b, c, h * W + w] + g[k, co, ph, pw]
+        with T.sblock("scatter_root"):  # named: the PrimFunc has its own "root"
+            for task in T.parallel(N * C):
+                with T.sblock("scatter"):
+                    T.reads(_region(g), _region(bidx), _region(rows), _region(cols))
+                    T.writes(out[task // C, task % C, 0:P])
+                    b = task // C
+                    c = task % C
+                    co = c // (PH * PW)
+                    ph = c // PW % PH
+                    pw = c % PW
+                    for p in range(P):
+                        out[b, c, p] = T.cast(0, dtype)
+                    for k in range(R):
+                        if bidx[k] == b:
+                            for h in range(rows[k, ph, 0], rows[k, ph, 1]):
+                                for w in range(cols[k, pw, 0], cols[k, pw, 1]):
+                                    out[b, c, h * W + w] = out[b, c, h * W + w] + g[k, co, ph, pw]
 
     grad_input = te.extern_primfunc([share, bidx_t, rows_t, cols_t], scatter)
     return OperatorDef([grad, rois, scalars, grad_input])
