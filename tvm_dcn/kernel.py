@@ -59,6 +59,13 @@ class Kernel:
     def __call__(self, *args) -> None:
         self._func(*args)
 
+    def source(self, fmt: str = "ll") -> str:
+        """Generated code (``"ll"``: LLVM IR, ``"asm"``; ``"cu"`` for CUDA) of a freshly built kernel."""
+        module = getattr(self.module, "mod", self.module)  # tvm.compile returns an Executable
+        if fmt == "cu":
+            module = next(m for m in module.imports if m.kind == "cuda")
+        return module.inspect_source(fmt)
+
     def __repr__(self) -> str:
         return (f"Kernel({self.workload.short_name()}, target={self.target_tag}, "
                 f"schedule={self.schedule_source})")
@@ -225,10 +232,19 @@ def _fingerprint(workload: Workload, target, source: str, schedule_bytes: bytes)
                  json.dumps(target.export(), sort_keys=True, default=str), source):
         digest.update(part.encode())
         digest.update(b"\0")
-    digest.update(Path(ops.__file__).read_bytes())
-    digest.update(Path(ops.source_file(workload.op)).read_bytes())
+    # Operator modules import helpers from each other (and schedules from cpu_common): hash them all.
+    for folder in (Path(ops.__file__).parent, _schedules_folder()):
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.name.encode())
+            digest.update(source.read_bytes())
     digest.update(schedule_bytes)
     return digest.hexdigest()[:24]
+
+
+def _schedules_folder() -> Path:
+    from . import schedules  # noqa: PLC0415
+
+    return Path(schedules.__file__).parent
 
 
 def _export_atomically(module, path: Path) -> Optional[str]:

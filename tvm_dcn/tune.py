@@ -122,6 +122,12 @@ def _measure(mod: tvm.IRModule, target, builder, runner) -> Optional[list[float]
     return [float(s) for s in result.run_secs]
 
 
+def _warm_builder_worker() -> None:
+    """Runs once in each builder process: MetaSchedule's build function imports the tensor
+    intrinsics (~20 s) on its first call, which would otherwise count against the build timeout."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401,PLC0415
+
+
 def hand_trace(workload: Workload, target):
     """The trace of the hand schedule of ``workload`` (None if it has none)."""
     from .schedules import find  # noqa: PLC0415
@@ -226,7 +232,8 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     work_dir.mkdir(parents=True, exist_ok=True)
     cores = int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1) if target.kind.name == "llvm" else 1
     db = ms.database.JSONDatabase(work_dir=str(work_dir))
-    builder = ms.builder.LocalBuilder(max_workers=max(1, min(cores, os.cpu_count() or 1)), timeout_sec=120)
+    builder = ms.builder.LocalBuilder(max_workers=max(1, min(cores, os.cpu_count() or 1)), timeout_sec=120,
+                                      initializer=_warm_builder_worker)
     runner = make_runner(rpc_tracker, rpc_key)
 
     seeds_path = work_dir / HAND_SEEDS_FILE

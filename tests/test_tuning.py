@@ -1,0 +1,303 @@
+"""Workload sets, the recorder, MetaSchedule tuning (local and over RPC), exported records, and
+reproducible builds from the committed records.
+
+The tuning tests search a tiny workload for a handful of trials with a small population: each
+takes well under a minute of tuning (most of it MetaSchedule's import of its tensor intrinsics).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import tvm_dcn
+from tvm_dcn import tune, workloads
+from tvm_dcn.ops.deform_conv import (BACKWARD_DATA, BACKWARD_WEIGHT, FORWARD, backward_data_workload,
+                                     forward_workload)
+from tvm_dcn.tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, records_root
+
+TINY = forward_workload(batch=1, in_channels=4, height=5, width=6, out_channels=4, kernel_size=(3, 3),
+                        padding=(1, 1), with_mask=True)
+SEARCH = dict(trials_per_task=2, num_trials_per_iter=2, population=8, genetic_iters=1, progress=False)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_DCN_CACHE_DIR", str(tmp_path / "cache"))
+    tvm_dcn.clear_memory_cache()
+    yield
+    tvm_dcn.clear_memory_cache()
+
+
+def _tiny_args():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(1, 4, 30, generator=g), torch.randn(1, 18, 30, generator=g),
+            torch.rand(1, 9, 30, generator=g), torch.randn(4, 36, generator=g)]
+
+
+def _run(kernel, args):
+    out = torch.empty(1, 4, 30)
+    kernel(*args, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Workload sets
+
+
+def test_resnet50_set_matches_the_network():
+    wls = workloads.load("resnet50-dcn-224")
+    layers = [wl for wl in wls if wl.op == FORWARD]
+    assert len(layers) == 4 + 6 + 3  # DCN 3x3 convs of the c3, c4 and c5 bottlenecks
+    strided = [(wl["in_channels"], wl["height"]) for wl in layers if wl["stride"] == (2, 2)]
+    assert strided == [(128, 56), (256, 28), (512, 14)]
+    assert {(wl["in_channels"], wl["height"]) for wl in layers if wl["stride"] == (1, 1)} == {
+        (128, 28), (256, 14), (512, 7)}
+    assert all(wl["with_mask"] and not wl["with_bias"] and wl["batch"] == 1 for wl in layers)
+    # Every layer also runs its two backward kernels.
+    ops = [wl.op for wl in wls]
+    assert ops.count(BACKWARD_DATA) == ops.count(BACKWARD_WEIGHT) == len(layers)
+    counts = dict((wl, n) for wl, n in workloads.unique_with_counts(wls))
+    assert sorted(n for wl, n in counts.items() if wl.op == FORWARD) == [1, 1, 1, 2, 3, 5]
+
+
+def test_faster_rcnn_set_uses_the_large_input():
+    layers = [wl for wl in workloads.load("faster-rcnn-r50-dcn") if wl.op == FORWARD]
+    assert {(wl["height"], wl["width"]) for wl in layers if wl["stride"] == (1, 1)} == {
+        (100, 152), (50, 76), (25, 38)}
+
+
+def test_workload_files_round_trip(tmp_path):
+    wls = workloads.load("resnet50-dcn-224-forward")
+    path = tmp_path / "set.json"
+    workloads.save(path, wls)
+    assert workloads.load(str(path)) == wls
+    toml = tmp_path / "set.toml"
+    toml.write_text("\n".join([
+        "[[workload]]", 'op = "deform_conv2d"', 'dtype = "float32"', "count = 2",
+        "params = { batch = 1, in_channels = 8, height = 9, width = 9, out_channels = 8, kernel_size = [3, 3], "
+        "stride = [1, 1], padding = [1, 1], dilation = [1, 1], groups = 1, offset_groups = 1, with_mask = true, "
+        "with_bias = false }"]) + "\n")
+    loaded = workloads.load(str(toml))
+    assert len(loaded) == 2 and loaded[0]["in_channels"] == 8 and loaded[0] == loaded[1]
+
+
+@pytest.mark.parametrize("content, match", [
+    ("not json", "cannot parse"),
+    ('{"workloads": []}', "non-empty list"),
+    ('{"workloads": [{"op": "deform_conv2d"}]}', "not a workload"),
+    ('{"workloads": [{"op": "no_such_op", "dtype": "float32", "params": {}}]}', "not a valid workload"),
+    ('{"workloads": [{"op": "deform_conv2d", "dtype": "float32", "params": {"batch": 1}}]}', "not a valid workload"),
+])
+def test_bad_workload_files_raise(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        workloads.load(str(path))
+
+
+def test_unknown_set_name_raises():
+    with pytest.raises(ValueError, match="neither a built-in set"):
+        workloads.load("resnet-9000")
+
+
+def test_recorder_collects_forward_and_backward_workloads():
+    layer = tvm_dcn.ModulatedDeformConv2dPack(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 6, 5, requires_grad=True)
+    with workloads.record() as rec:
+        layer(x).sum().backward()
+    ops = [wl.op for wl in rec.workloads]
+    assert ops == [FORWARD, BACKWARD_DATA, BACKWARD_WEIGHT]
+    assert rec.workloads[0]["height"] == 6 and rec.workloads[0]["with_mask"]
+    with torch.no_grad():
+        layer(x)  # outside the context: not recorded
+    assert len(rec.workloads) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# Tuning
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One small tuning run shared by the tests below (MetaSchedule's fixed start-up cost, mostly
+    imports in this process and in the builder workers, dominates a run this small)."""
+    root = tmp_path_factory.mktemp("tuning")
+    result = tune.tune([TINY, TINY], work_dir=root / "work", output_dir=root / "records", **SEARCH)
+    return root, result
+
+
+def test_tune_seeds_with_hand_and_searches(tuned):
+    _, result = tuned
+    (task,) = result.tasks
+    assert task.count == 2 and task.trials >= 2  # the hand seed plus searched candidates
+    assert task.hand_seconds and task.best_seconds <= task.hand_seconds
+
+
+def test_tune_exports_pruned_records_and_manifest(tuned):
+    root, _ = tuned
+    out = root / "records"
+    for name in (WORKLOAD_FILE, RECORD_FILE, MANIFEST_FILE):
+        assert (out / name).exists()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["target_tag"] == tvm_dcn.target_tag(None)
+    (entry,) = manifest["records"]
+    assert tvm_dcn.Workload.from_dict(entry["workload"]) == TINY and entry["tuned_us"] > 0
+    assert len((out / RECORD_FILE).read_text().splitlines()) == 1  # pruned: best record only
+    assert len((root / "work" / RECORD_FILE).read_text().splitlines()) >= 2  # the work dir keeps all
+
+
+def test_tune_resumes_from_its_work_dir(tuned, tmp_path):
+    """Re-running with the same budget measures nothing new."""
+    root, first = tuned
+    work = root / "work"
+    records_before = (work / RECORD_FILE).read_text()
+    again = tune.tune([TINY], work_dir=work, output_dir=tmp_path / "out", **SEARCH)
+    assert (work / RECORD_FILE).read_text() == records_before
+    assert again.tasks[0].trials == first.tasks[0].trials
+
+
+def test_exported_record_is_applied_and_agrees(tuned, tmp_path, monkeypatch, private_cache):
+    root, _ = tuned
+    monkeypatch.setenv("TVM_DCN_TUNING_LOGS", str(tmp_path))
+    (tmp_path / tvm_dcn.target_tag(None)).symlink_to(root / "records")
+    kernel = tvm_dcn.compile(TINY)
+    assert kernel.schedule_source == "tuned"
+    args = _tiny_args()
+    torch.testing.assert_close(_run(kernel, args), _run(tvm_dcn.compile(TINY, schedule="hand"), args))
+
+
+def test_export_keeps_other_workloads_and_sorts(tuned, private_cache):
+    """A second set exported into the same folder keeps the first set's records, in sorted order
+    (a budget of one trial is the hand seed alone: no search)."""
+    root, _ = tuned
+    other = forward_workload(batch=1, in_channels=4, height=4, width=4, out_channels=4, kernel_size=(3, 3),
+                             padding=(1, 1))
+    out = root / "records"
+    tune.tune([other], work_dir=root / "work2", output_dir=out, **{**SEARCH, "trials_per_task": 1})
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    keys = [tvm_dcn.Workload.from_dict(r["workload"]).key() for r in manifest["records"]]
+    assert keys == sorted(keys) and set(keys) == {TINY.key(), other.key()}
+    assert len((out / RECORD_FILE).read_text().splitlines()) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
+    import tvm.rpc  # noqa: PLC0415
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                               str(port), "--port-end", str(port + 1)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                tracker = tvm.rpc.connect_tracker("127.0.0.1", port)
+                break
+            except Exception:  # tracker not up yet
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key",
+                 "tvm-dcn-test", "--host", "127.0.0.1", "--port", str(_free_port())], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while "tvm-dcn-test" not in tracker.text_summary() or tracker.text_summary().count("127.0.0.1") < 2:
+            if time.time() > deadline:
+                pytest.fail(f"RPC servers did not register: {tracker.text_summary()}")
+            time.sleep(0.5)
+        assert "free" in tracker.text_summary() or "tvm-dcn-test" in tracker.text_summary()
+        result = tune.tune([TINY], work_dir=tmp_path / "work", output_dir=tmp_path / "out",
+                           rpc_tracker=f"127.0.0.1:{port}", rpc_key="tvm-dcn-test", **SEARCH)
+        (task,) = result.tasks
+        assert task.trials >= 2 and task.best_seconds > 0 and task.hand_seconds > 0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_rpc_arguments_are_checked():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        tune.make_runner("localhost", "key")
+    with pytest.raises(ValueError, match="rpc_key"):
+        tune.make_runner("127.0.0.1:9190", None)
+
+
+# ------------------------------------------------------------------------------------------
+# Committed records and corrupt ones
+
+
+def _committed():
+    for manifest_path in sorted(records_root().glob(f"*/{MANIFEST_FILE}")):
+        manifest = json.loads(manifest_path.read_text())
+        for item in manifest["records"]:
+            yield manifest_path.parent.name, manifest["target"], tvm_dcn.Workload.from_dict(item["workload"])
+
+
+COMMITTED = list(_committed())
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no committed tuning records")
+@pytest.mark.parametrize("tag, target, workload", COMMITTED,
+                         ids=[f"{t}-{w.op}-{i}" for i, (t, _, w) in enumerate(COMMITTED)])
+def test_committed_records_build_reproducibly(tag, target, workload, private_cache):
+    """Every committed record applies (schedule source "tuned") and builds to identical code."""
+    first = tvm_dcn.compile(workload, target, schedule="tuned", use_disk_cache=False)
+    assert first.schedule_source == "tuned" and first.target_tag == tag
+    tvm_dcn.clear_memory_cache()
+    second = tvm_dcn.compile(workload, target, schedule="tuned", use_disk_cache=False)
+    assert first.source("ll") == second.source("ll")
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "foreign"])
+def test_corrupt_records_warn_and_fall_back_to_hand(tmp_path, monkeypatch, private_cache, corruption):
+    folder = tmp_path / tvm_dcn.target_tag(None)
+    folder.mkdir()
+    if corruption == "garbage":
+        (folder / WORKLOAD_FILE).write_text("this is not json\n")
+        (folder / RECORD_FILE).write_text("[0, {]\n")
+    elif corruption == "truncated":
+        (folder / WORKLOAD_FILE).write_text('["0x1234", "AAAA')
+        (folder / RECORD_FILE).write_text("")
+    else:  # well-formed JSON, but not a MetaSchedule database
+        (folder / WORKLOAD_FILE).write_text('{"workload": 1}\n')
+        (folder / RECORD_FILE).write_text('{"record": 2}\n')
+    monkeypatch.setenv("TVM_DCN_TUNING_LOGS", str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = tvm_dcn.compile(TINY)
+    assert kernel.schedule_source == "hand"
+    assert any("tuning records" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_stale_record_warns_and_falls_back(tmp_path, monkeypatch, private_cache):
+    """A record whose trace no longer applies (operator definition changed) is not used."""
+    from tvm_dcn import tuning_records  # noqa: PLC0415
+
+    def broken_lookup(workload, target):
+        def apply():
+            raise RuntimeError("ScheduleError: cannot find block 'old_stage_name'")
+        return tuning_records.Record(fingerprint=b"stale", apply=apply)
+
+    monkeypatch.setattr(tuning_records, "lookup", broken_lookup)
+    with pytest.warns(RuntimeWarning, match="cannot be applied"):
+        kernel = tvm_dcn.compile(TINY)
+    assert kernel.schedule_source == "hand"
