@@ -26,7 +26,7 @@ from tvm_dcn.tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, re
 
 TINY = forward_workload(batch=1, in_channels=4, height=5, width=6, out_channels=4, kernel_size=(3, 3),
                         padding=(1, 1), with_mask=True)
-SEARCH = dict(trials_per_task=2, num_trials_per_iter=2, population=8, genetic_iters=1, progress=False)
+SEARCH = dict(trials_per_task=2, num_trials_per_iter=2, population=8, genetic_iters=1, verify_top=2, progress=False)
 
 
 @pytest.fixture

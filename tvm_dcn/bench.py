@@ -1,13 +1,16 @@
 """``tvm-dcn bench``: side-by-side CPU timing of tvm-dcn kernels against the baselines.
 
-For every distinct deformable-conv layer of a workload set, these candidates run interleaved in
-one process (round-robin, so machine noise hits them alike), each through its PyTorch entry point:
+For every distinct deformable-conv layer (and RoI Align head) of a workload set, these candidates
+run interleaved in one process (round-robin, so machine noise hits them alike), each through its
+PyTorch entry point:
 
 * ``tvm-dcn default`` / ``tvm-dcn hand`` / ``tvm-dcn tuned``: :func:`tvm_dcn.deform_conv2d` with
   every kernel forced to that schedule source (``tuned`` is skipped where a kernel has no record);
-* ``torchvision``: ``torchvision.ops.deform_conv2d``;
+* ``torchvision``: ``torchvision.ops.deform_conv2d`` (``roi_align``);
 * ``dense conv2d``: ``torch.nn.functional.conv2d`` of the same shape (oneDNN here): the floor a
   deformable convolution, which also samples its input, cannot beat.
+
+RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 
 Two modes per layer: ``forward`` (no autograd) and ``forward+backward`` (gradients of input,
 offset, mask and weight, as in training). The median of the repeats is reported, with the
@@ -59,8 +62,8 @@ def layer_name(wl: Workload) -> str:
 
 
 def layers_of(workloads: list[Workload]) -> list[tuple[Workload, int]]:
-    """The distinct forward deformable-conv workloads of a set, with their counts."""
-    return [(wl, n) for wl, n in unique_with_counts(workloads) if wl.op == FORWARD]
+    """The distinct forward deformable-conv and RoI Align workloads of a set, with their counts."""
+    return [(wl, n) for wl, n in unique_with_counts(workloads) if wl.op in (FORWARD, "roi_align")]
 
 
 def _inputs(wl: Workload, generator: torch.Generator):
@@ -77,17 +80,24 @@ def _inputs(wl: Workload, generator: torch.Generator):
     return dict(input=x, offset=offset, weight=w, bias=bias, mask=mask)
 
 
+def _roi_inputs(wl: Workload, generator: torch.Generator, spatial_scale: float = 1 / 16):
+    dtype = getattr(torch, wl.dtype)
+    boxes_n = wl["num_rois"]
+    x = torch.randn(wl["batch"], wl["channels"], wl["height"], wl["width"], generator=generator, dtype=dtype)
+    image = torch.tensor([wl["width"] / spatial_scale, wl["height"] / spatial_scale], dtype=torch.float64)
+    xy = torch.rand(boxes_n, 2, generator=generator, dtype=torch.float64) * image
+    wh = torch.rand(boxes_n, 2, generator=generator, dtype=torch.float64) * 384 + 16
+    boxes = torch.cat([torch.zeros(boxes_n, 1, dtype=torch.float64), xy, xy + wh], 1).to(dtype)
+    return x, boxes, spatial_scale
+
+
 def _conv_kwargs(wl: Workload) -> dict:
     return dict(stride=wl["stride"], padding=wl["padding"], dilation=wl["dilation"])
 
 
-def _candidates(wl: Workload, inputs: dict, mode: str, schedules) -> dict[str, Callable[[], torch.Tensor]]:
-    """Callables returning the forward output (forward) or the input gradient (forward+backward)."""
-    import torchvision  # noqa: PLC0415
-
-    kw = _conv_kwargs(wl)
-    backward = mode == "forward+backward"
-    leaves = {k: (v.detach().requires_grad_(backward) if v is not None else None) for k, v in inputs.items()}
+def _runner(leaves: dict, backward: bool):
+    """Wraps a candidate: under no_grad (forward), or forward then backward, returning the output
+    (forward) or the gradient of ``leaves["input"]``."""
     grad_out = None
 
     def run(fn):
@@ -97,7 +107,7 @@ def _candidates(wl: Workload, inputs: dict, mode: str, schedules) -> dict[str, C
                 with torch.no_grad():
                     return fn()
             for t in leaves.values():
-                if t is not None:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.grad = None
             out = fn()
             if grad_out is None:
@@ -105,27 +115,61 @@ def _candidates(wl: Workload, inputs: dict, mode: str, schedules) -> dict[str, C
             out.backward(grad_out)
             return leaves["input"].grad
         return call
+    return run
 
-    def deformable(schedule):
-        def fn():
-            with forced_schedule(schedule):
-                return _functional.deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"],
-                                                 leaves["bias"], mask=leaves["mask"], **kw)
-        return fn
 
-    out = {f"tvm-dcn {s}": run(deformable(s)) for s in schedules}
-    out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(
-        leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], mask=leaves["mask"], **kw))
+def _forced(fn, schedule):
+    def call():
+        with forced_schedule(schedule):
+            return fn()
+    return call
+
+
+def _conv_candidates(wl: Workload, mode: str, schedules) -> dict[str, Callable[[], torch.Tensor]]:
+    import torchvision  # noqa: PLC0415
+
+    kw = _conv_kwargs(wl)
+    backward = mode == "forward+backward"
+    leaves = {k: (v.requires_grad_(backward) if v is not None else None)
+              for k, v in _inputs(wl, torch.Generator().manual_seed(0)).items()}
+    run = _runner(leaves, backward)
+    x, off, w, b, m = (leaves[k] for k in ("input", "offset", "weight", "bias", "mask"))
+    out = {f"tvm-dcn {s}": run(_forced(lambda: _functional.deform_conv2d(x, off, w, b, mask=m, **kw), s))
+           for s in schedules}
+    out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(x, off, w, b, mask=m, **kw))
     groups = wl["in_channels"] // ConvGeometry(wl).group_in_channels
-    out["dense conv2d"] = run(lambda: torch.nn.functional.conv2d(
-        leaves["input"], leaves["weight"], leaves["bias"], groups=groups, **kw))
+    out["dense conv2d"] = run(lambda: torch.nn.functional.conv2d(x, w, b, groups=groups, **kw))
     return out
+
+
+def _roi_align_candidates(wl: Workload, mode: str, schedules) -> dict[str, Callable[[], torch.Tensor]]:
+    import torchvision  # noqa: PLC0415
+
+    from . import roi  # noqa: PLC0415
+
+    x, boxes, scale = _roi_inputs(wl, torch.Generator().manual_seed(0))
+    backward = mode == "forward+backward"
+    leaves = {"input": x.requires_grad_(backward)}
+    run = _runner(leaves, backward)
+    args = (x, boxes, wl["output_size"], scale, wl["sampling_ratio"], wl["aligned"])
+    out = {f"tvm-dcn {s}": run(_forced(lambda: roi.roi_align(*args), s)) for s in schedules}
+    out["torchvision"] = run(lambda: torchvision.ops.roi_align(*args))
+    return out
+
+
+def case_name(wl: Workload) -> str:
+    if wl.op == FORWARD:
+        return layer_name(wl)
+    return (f"roi_align {wl['num_rois']} boxes {wl['channels']}x{wl['height']}x{wl['width']} "
+            f"{wl['output_size'][0]}x{wl['output_size'][1]} s{wl['sampling_ratio']}")
 
 
 def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeats: int = 20,
              slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> CaseResult:
-    result = CaseResult(layer_name(wl), mode, count)
-    candidates = _candidates(wl, _inputs(wl, torch.Generator().manual_seed(0)), mode, schedules)
+    """Time one layer (a deform_conv2d or roi_align forward workload) in one mode."""
+    result = CaseResult(case_name(wl), mode, count)
+    factory = _conv_candidates if wl.op == FORWARD else _roi_align_candidates
+    candidates = factory(wl, mode, schedules)
     reference = candidates["torchvision"]().detach().clone()
     usable = {}
     for name, fn in candidates.items():

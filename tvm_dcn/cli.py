@@ -53,7 +53,8 @@ def _tune(args) -> int:
     result = tune.tune(wls, target, trials_per_task=args.trials_per_task, work_dir=args.work_dir,
                        output_dir=args.output, export=not args.no_export, rpc_tracker=args.rpc_tracker,
                        rpc_key=args.rpc_key, num_trials_per_iter=args.trials_per_round,
-                       population=args.population, genetic_iters=args.genetic_iters, seed=args.seed,
+                       population=args.population, genetic_iters=args.genetic_iters,
+                       verify_top=args.verify_top, seed=args.seed,
                        set_names=[n for n in args.workloads if n in workloads.SETS])
     print(tune.format_results(result))
     if result.output_dir:
@@ -80,7 +81,10 @@ def main(argv=None) -> int:
     tune_parser.add_argument("--target", help="TVM target as JSON (default: this CPU)")
     tune_parser.add_argument("--trials-per-task", type=int, default=256, help="measured candidates per workload")
     tune_parser.add_argument("--trials-per-round", type=int, default=32, help="candidates measured per search round")
-    tune_parser.add_argument("--population", type=int, default=256, help="evolutionary search population")
+    tune_parser.add_argument("--population", type=int, default=128, help="evolutionary search population")
+    tune_parser.add_argument("--verify-top", type=int, default=4,
+                             help="re-measure this many best records per workload (and the hand schedule) "
+                                  "before exporting the fastest")
     tune_parser.add_argument("--genetic-iters", type=int, default=3, help="evolution iterations per round")
     tune_parser.add_argument("--work-dir", help="MetaSchedule database of all trials (default tvm-dcn-tuning/<tag>); "
                                                 "re-running resumes from it")

@@ -68,6 +68,7 @@ class TaskResult:
     best_seconds: Optional[float]
     hand_seconds: Optional[float]
     best_is_hand: bool
+    record: object = field(default=None, repr=False)  # the chosen MetaSchedule TuningRecord
 
 
 @dataclass
@@ -211,14 +212,18 @@ def _progress_callback(progress: _Progress):
 def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per_task: int = 256,
          work_dir: Optional[os.PathLike] = None, output_dir: Optional[os.PathLike] = None, export: bool = True,
          rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None, num_trials_per_iter: int = 32,
-         population: int = 256, genetic_iters: int = 3, seed: int = 0, progress: bool = True,
-         set_names: Sequence[str] = ()) -> TuneResult:
+         population: int = 128, genetic_iters: int = 3, verify_top: int = 4, seed: int = 0,
+         progress: bool = True, set_names: Sequence[str] = ()) -> TuneResult:
     """Tune ``workloads`` (repeats weight a workload) for ``target`` (None: this CPU); see the
     module docstring. Returns per-task results; writes records to ``output_dir`` if ``export``.
 
     ``population`` and ``genetic_iters`` size the evolutionary search of each round (MetaSchedule's
     defaults are 512 and 4; on a 2-core machine sampling and evolving dominate the tuning time,
     so the defaults here are smaller). ``num_trials_per_iter`` candidates are measured per round.
+
+    ``verify_top``: the best records of each task and its hand schedule are measured again, one
+    after another, and the fastest of that second measurement is exported, so that a candidate
+    that got lucky once (a measurement during a noisy moment) does not displace a better one.
     """
     ms = _ms()
     if trials_per_task < 1:
@@ -274,18 +279,47 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     result = TuneResult(tag, work_dir, None)
     for wl, count in pairs:
         records = _records_of(db, wl)
-        best = records[0] if records else None
         seed_info = hand_seeds.get(wl.key(), {})
-        result.tasks.append(TaskResult(
-            wl, count, len(records), _mean(best) if best else None, seed_info.get("seconds"),
-            best is not None and str(best.trace) == seed_info.get("trace")))
+        task = TaskResult(wl, count, len(records), None, seed_info.get("seconds"), False)
+        if records:
+            task.record, task.best_seconds = records[0], _mean(records[0])
+            task.best_is_hand = str(records[0].trace) == seed_info.get("trace")
+            if verify_top > 0:
+                _verify(task, records[:verify_top], target, builder, runner)
+        result.tasks.append(task)
     if export:
-        result.output_dir = export_records(db, result.tasks, target, output_dir, set_names=set_names,
+        result.output_dir = export_records(result.tasks, target, output_dir, set_names=set_names,
                                            trials_per_task=trials_per_task)
     return result
 
 
-def export_records(db, tasks: Sequence[TaskResult], target, output_dir: Optional[os.PathLike] = None, *,
+def _verify(task: TaskResult, records: list, target, builder, runner) -> None:
+    """Re-measure ``records`` and the hand schedule of ``task``; keep the fastest (in place)."""
+    ms = _ms()
+    hand = hand_trace(task.workload, target)
+    traces = [r.trace for r in records]
+    if hand is not None and all(str(t) != str(hand) for t in traces):
+        traces.append(hand)
+    measured = []
+    for trace in traces:
+        sch = tvm.s_tir.Schedule(ir_module(task.workload))
+        trace.apply_to_schedule(sch, remove_postproc=False)
+        run_secs = _measure(sch.mod, target, builder, runner)
+        if run_secs is not None:
+            measured.append((sum(run_secs) / len(run_secs), trace, run_secs))
+    if not measured:
+        return
+    seconds, trace, run_secs = min(measured, key=lambda m: m[0])
+    mod = ir_module(task.workload)
+    task.record = ms.database.TuningRecord(trace, ms.database.Workload(mod), run_secs, target,
+                                           ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    task.best_seconds = seconds
+    if hand is not None:
+        task.hand_seconds = next((m[0] for m in measured if str(m[1]) == str(hand)), task.hand_seconds)
+        task.best_is_hand = str(trace) == str(hand)
+
+
+def export_records(tasks: Sequence[TaskResult], target, output_dir: Optional[os.PathLike] = None, *,
                    set_names: Sequence[str] = (), trials_per_task: Optional[int] = None) -> Path:
     """Write the best record of each task (plus other workloads already committed there) to
     ``output_dir`` (default: ``tuning_logs/<tag>/``) as a pruned, sorted JSON database and manifest."""
@@ -305,10 +339,9 @@ def export_records(db, tasks: Sequence[TaskResult], target, output_dir: Optional
             if records:
                 entries[wl.key()] = (wl, records[0], item)
     for task in tasks:
-        records = _records_of(db, task.workload)
-        if not records:
+        if task.record is None:
             continue
-        entries[task.workload.key()] = (task.workload, records[0], {
+        entries[task.workload.key()] = (task.workload, task.record, {
             "workload": task.workload.as_dict(), "name": task.workload.short_name(), "count": task.count,
             "trials": task.trials, "tuned_us": round(task.best_seconds * 1e6, 2),
             "hand_us": round(task.hand_seconds * 1e6, 2) if task.hand_seconds else None,
