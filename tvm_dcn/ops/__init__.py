@@ -3,11 +3,24 @@
 Each operator module exposes ``build(workload) -> OperatorDef``: the TE tensors of one workload
 (kernel arguments in call order, output last). Schedules live apart from these definitions, in
 the top-level ``schedules`` folder (installed as ``tvm_dcn.schedules``).
+
+Scatter stages (input gradients that add each sample's gradient to its bilinear corners) come in
+two formulations, chosen by the workload parameter ``scatter``:
+
+- absent (CPU): one parallel task per block of (batch, channel) planes, which never collide; no
+  atomics, a fixed summation order, bit-reproducible gradients;
+- ``"atomic"`` (GPU): one thread per gradient element, atomic adds into a zero-filled output
+  (CUDA ``atomicAdd``: float64 needs sm_60 or newer; the summation order varies from run to run).
+
+The interpolation math is shared; only the loop structure around the adds differs.
+:func:`for_target` gives a workload the formulation of a target (``tvm_dcn.compile`` applies
+it), so a CPU workload and its CUDA twin are distinct workloads, and CPU PrimFuncs (and the
+structural hashes their tuning records are matched by) do not change.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from tvm import te
 
@@ -23,14 +36,47 @@ class OperatorDef:
 
 
 _BUILDERS: dict[str, Callable[[Workload], OperatorDef]] = {}
+# op -> whether a workload of it has a scatter stage
+_SCATTERS: dict[str, Callable[[Workload], bool]] = {}
+
+SCATTER_ATOMIC = "atomic"
 
 
-def register(op: str):
+def register(op: str, scatter: Optional[Callable[[Workload], bool]] = None):
+    """Register the builder of ``op``; ``scatter(workload)``: whether the workload has a scatter
+    stage (and so a GPU formulation, see the module docstring)."""
     def wrap(fn: Callable[[Workload], OperatorDef]):
         _BUILDERS[op] = fn
+        if scatter is not None:
+            _SCATTERS[op] = scatter
         return fn
 
     return wrap
+
+
+def atomic_scatter(workload: Workload) -> bool:
+    """Whether ``workload`` uses the atomic (GPU) scatter formulation; validates the parameter."""
+    mode = workload.get("scatter")
+    if mode is None:
+        return False
+    if mode != SCATTER_ATOMIC or workload.op not in _SCATTERS:
+        raise ValueError(f"workload {workload.op}: scatter must be absent (plane-parallel CPU scatter) or "
+                         f"{SCATTER_ATOMIC!r} (operators with a scatter stage only), got {mode!r}")
+    return True
+
+
+def for_target(workload: Workload, target_kind: str) -> Workload:
+    """``workload`` with the scatter formulation of ``target_kind`` (``"llvm"``: plane-parallel,
+    GPU kinds: atomic); workloads without a scatter stage are returned unchanged."""
+    atomic = atomic_scatter(workload)
+    if target_kind == "llvm":
+        if atomic:
+            raise ValueError(f"workload {workload.op} has scatter={SCATTER_ATOMIC!r} (GPU atomics); "
+                             "the CPU target needs the workload without it")
+        return workload
+    if atomic or not _SCATTERS.get(workload.op, lambda wl: False)(workload):
+        return workload
+    return Workload.make(workload.op, workload.dtype, scatter=SCATTER_ATOMIC, **dict(workload.params))
 
 
 def source_file(op: str) -> str:

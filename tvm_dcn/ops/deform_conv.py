@@ -34,7 +34,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from ..workload import Workload
-from . import OperatorDef, register
+from . import OperatorDef, atomic_scatter, gpu_scatter, register
 
 FORWARD = "deform_conv2d"
 BACKWARD_DATA = "deform_conv2d_backward_data"
@@ -318,18 +318,34 @@ def mask_gradient(geo: ConvGeometry, sample: te.Tensor, sums: te.Tensor) -> te.T
 
 
 def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tensor,
-                   corner_weight: te.Tensor) -> te.Tensor:
+                   corner_weight: te.Tensor, atomic: bool = False) -> te.Tensor:
     """(N, C, H*W) d loss / d input: each column entry's gradient scattered to its four corners.
 
-    A scatter, which ``te.compute`` cannot express: an extern stage. Every (batch, channel) plane
-    is written by one task, so the planes run in parallel with no atomics and the summation order
-    is fixed (bit-reproducible gradients).
+    A scatter, which ``te.compute`` cannot express: an extern stage. CPU formulation: every
+    (batch, channel) plane is written by one task, so the planes run in parallel with no atomics
+    and the summation order is fixed (bit-reproducible gradients). GPU formulation (``atomic``):
+    one thread per (batch, channel, tap, pixel), pixels fastest (a warp reads contiguous column
+    gradients, indices and weights), adding to the in-image corners with atomics; out-of-image
+    corners (weight 0, index 0) are skipped, they would all hit element 0 of the plane.
     """
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     N, C, K, HW, P = geo.batch, geo.in_channels, geo.taps, geo.height * geo.width, geo.pixels
     cpg = geo.channels_per_offset_group
+    if atomic:
+        def add(t, ins, grad_input):
+            grad_col_buf, index_buf, weight_buf = ins
+            n, c, k, p = gpu_scatter.unravel(t, (N, C, K, P))
+            g = c // cpg
+            column_grad = grad_col_buf[n, c * K + k, p]
+            for q in range(4):
+                w = weight_buf[n, g, k, q, p]
+                with gpu_scatter.when(w != tirx.const(0, geo.dtype)):
+                    gpu_scatter.atomic_add(grad_input, (n, c, index_buf[n, g, k, q, p]), w * column_grad)
+
+        return gpu_scatter.atomic_scatter("grad_input", (N, C, HW), geo.dtype, [grad_col, corner_index, corner_weight],
+                                          N * C * K * P, add)
 
     def body(ins, outs):
         grad_col_buf, index_buf, weight_buf = (T.buffer_proxy(b) for b in ins)
@@ -353,7 +369,7 @@ def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tens
                      name="grad_input")
 
 
-@register(BACKWARD_DATA)
+@register(BACKWARD_DATA, scatter=lambda wl: wl["need_input"])
 def build_backward_data(wl: Workload) -> OperatorDef:
     """Kernel arguments: grad_output, input, offset, [mask], weight ->
     [grad_input (N, C, H*W)] if need_input, [grad_offset, [grad_mask]] if need_sampling."""
@@ -364,7 +380,8 @@ def build_backward_data(wl: Workload) -> OperatorDef:
     grad_col = column_gradient(geo, t.weight, padded_grad_output(geo, t.grad_output))
     outputs = []
     if wl["need_input"]:
-        outputs.append(input_gradient(geo, grad_col, corner_index, corner_weights(geo, sample, t.mask)))
+        outputs.append(input_gradient(geo, grad_col, corner_index, corner_weights(geo, sample, t.mask),
+                                      atomic=atomic_scatter(wl)))
     if wl["need_sampling"]:
         sums = corner_sums(geo, t.data, corner_index, grad_col)
         outputs.append(offset_gradient(geo, sample, sums, t.mask))

@@ -36,7 +36,7 @@ import numpy as np
 from tvm import te, tirx
 
 from ..workload import Workload
-from . import OperatorDef, register
+from . import OperatorDef, atomic_scatter, register
 from .roi_align import (BACKWARD, AxisTable, Interpolation, PositionSensitiveMap, RoIShape, _align_params, _pair,
                         align_geometry, bilinear_gather, inverse_count, lookup, roi_batch_index, roi_bucket,
                         round_half_away, sample_grid, scatter_bilinear)
@@ -183,13 +183,13 @@ def build_deform_roi_pool(wl: Workload) -> OperatorDef:
     return OperatorDef(args + [out])
 
 
-@register(DEFORM_ROI_POOL + BACKWARD)
+@register(DEFORM_ROI_POOL + BACKWARD, scatter=lambda wl: True)
 def build_deform_roi_pool_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, scalars, offset, mask, args = _deform_inputs(wl, s, with_data=False)
     grad = s.grad_placeholder()
     st = DeformStages(wl, rois, scalars, offset, mask)
-    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, atomic=atomic_scatter(wl))
     return OperatorDef([grad] + args + [grad_input])
 
 
@@ -328,13 +328,13 @@ def build_deform_psroi_pool(wl: Workload) -> OperatorDef:
     return OperatorDef(args + [out])
 
 
-@register(DEFORM_PSROI_POOL + BACKWARD)
+@register(DEFORM_PSROI_POOL + BACKWARD, scatter=lambda wl: True)
 def build_deform_psroi_pool_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, scalars, trans, args = _psroi_inputs(wl, s, with_data=False)
     grad = s.grad_placeholder(wl["output_dim"])
     st = PSRoIStages(wl, rois, scalars, trans)
-    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, st.psmap)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, st.psmap, atomic=atomic_scatter(wl))
     return OperatorDef([grad] + args + [grad_input])
 
 

@@ -45,9 +45,10 @@ from typing import Callable, Optional, Sequence
 
 from tvm import te, tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import tirx as T_ib
 
 from ..workload import Workload
-from . import OperatorDef, register
+from . import OperatorDef, atomic_scatter, gpu_scatter, register
 
 ROI_ALIGN = "roi_align"
 ROI_POOL = "roi_pool"
@@ -419,7 +420,7 @@ class PositionSensitiveMap:
 
 
 def scatter_bilinear(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid: te.Tensor, y: AxisTable,
-                     x: AxisTable, psmap: Optional[PositionSensitiveMap] = None) -> te.Tensor:
+                     x: AxisTable, psmap: Optional[PositionSensitiveMap] = None, atomic: bool = False) -> te.Tensor:
     """Input gradient (N, C, H*W) of a bilinear gather (``bilinear_gather``): its adjoint scatter.
 
     One parallel task per (batch, channel group, block of output channels of one class). Channel
@@ -428,8 +429,13 @@ def scatter_bilinear(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid:
     each RoI of its image, bin of its group and active sample (``grid`` (R', 2)), it loads the
     block's output gradients once and adds ``weight * grad`` to the four corners, each a contiguous
     vector update; the scratch is transposed into the planes at the end.
+
+    GPU formulation (``atomic``): one thread per output-gradient element (RoI, channel, bin), bins
+    fastest, adding ``weight * grad`` to the in-image corners of each active sample with atomics.
     """
     psmap = psmap or PositionSensitiveMap.plain(s)
+    if atomic:
+        return _atomic_scatter_bilinear(s, grad, batch_index, grid, y, x, psmap)
     N, C, P, dtype = s.batch, s.channels, s.pixels, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
     GH, GW = psmap.gh, psmap.gw
@@ -478,6 +484,34 @@ def scatter_bilinear(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid:
                         out[b, (co0 + ci) * groups + group, p] = acc[p, ci]  # = psmap.channel(co, ph, pw)
 
     return te.extern_primfunc([grad, batch_index, grid, y.index, y.weight, x.index, x.weight], scatter)
+
+
+def _atomic_scatter_bilinear(s: RoIShape, grad: te.Tensor, batch_index: te.Tensor, grid: te.Tensor, y: AxisTable,
+                             x: AxisTable, psmap: PositionSensitiveMap) -> te.Tensor:
+    """GPU input gradient of a bilinear gather (see :func:`scatter_bilinear`)."""
+    R, CO, PH, PW = (int(d) for d in grad.shape)
+    zero = s.const(0)
+
+    def add(t, ins, out):
+        g, bidx, grd, yi, yw, xi, xw = ins
+        k, co, ph, pw = gpu_scatter.unravel(t, (R, CO, PH, PW))
+        b = bidx[k]
+        r = psmap.row(k, co)
+        channel = psmap.channel(co, ph, pw)
+        value = g[k, co, ph, pw]
+        with gpu_scatter.when(b >= 0):
+            with T_ib.serial(0, grd[r, 0]) as iy:
+                with T_ib.serial(0, grd[r, 1]) as ix:
+                    for a in (0, 1):
+                        for bb in (0, 1):
+                            w = y.at(yw, r, ph, pw, iy, a) * x.at(xw, r, ph, pw, ix, bb)
+                            with gpu_scatter.when(w != zero):
+                                idx = y.at(yi, r, ph, pw, iy, a) + x.at(xi, r, ph, pw, ix, bb)
+                                gpu_scatter.atomic_add(out, (b, channel, idx), w * value)
+
+    return gpu_scatter.atomic_scatter("scatter", (s.batch, s.channels, s.pixels), s.dtype,
+                                      [grad, batch_index, grid, y.index, y.weight, x.index, x.weight],
+                                      R * CO * PH * PW, add)
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,13 +570,13 @@ def build_roi_align(wl: Workload) -> OperatorDef:
     return OperatorDef([data, rois, scalars, out])
 
 
-@register(ROI_ALIGN + BACKWARD)
+@register(ROI_ALIGN + BACKWARD, scatter=lambda wl: True)
 def build_roi_align_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, scalars = s.placeholders()
     grad = s.grad_placeholder()
     st = AlignStages(wl, wl["aligned"], rois, scalars)
-    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, atomic=atomic_scatter(wl))
     return OperatorDef([grad, rois, scalars, grad_input])
 
 
@@ -558,11 +592,11 @@ def build_ps_roi_align(wl: Workload) -> OperatorDef:
     return OperatorDef([data, rois, scalars, out])
 
 
-@register(PS_ROI_ALIGN + BACKWARD)
+@register(PS_ROI_ALIGN + BACKWARD, scatter=lambda wl: True)
 def build_ps_roi_align_backward(wl: Workload) -> OperatorDef:
     s, rois, scalars, psmap, grad = _ps_backward_inputs(wl)
     st = AlignStages(wl, True, rois, scalars)
-    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, psmap)
+    grad_input = scatter_bilinear(s, grad, st.batch_index, st.grid, st.y, st.x, psmap, atomic=atomic_scatter(wl))
     return OperatorDef([grad, rois, scalars, grad_input])
 
 
@@ -659,7 +693,7 @@ def build_roi_pool(wl: Workload) -> OperatorDef:
     return OperatorDef([data, rois, scalars, out, index], num_outputs=2)
 
 
-@register(ROI_POOL + BACKWARD)
+@register(ROI_POOL + BACKWARD, scatter=lambda wl: True)
 def build_roi_pool_backward(wl: Workload) -> OperatorDef:
     s = RoIShape(wl)
     _, rois, _ = s.placeholders()
@@ -668,6 +702,17 @@ def build_roi_pool_backward(wl: Workload) -> OperatorDef:
     batch_index = roi_batch_index(s, rois)
     N, C, P, dtype = s.batch, s.channels, s.pixels, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
+    if atomic_scatter(wl):
+        # GPU: one thread per output-gradient element, adding it to its bin's maximum.
+        def add(t, ins, out):
+            g, am, bidx = ins
+            k, c, ph, pw = gpu_scatter.unravel(t, (R, C, PH, PW))
+            with gpu_scatter.when(tirx.all(bidx[k] >= 0, am[k, c, ph, pw] >= 0)):
+                gpu_scatter.atomic_add(out, (bidx[k], c, am[k, c, ph, pw]), g[k, c, ph, pw])
+
+        grad_input = gpu_scatter.atomic_scatter("scatter", (N, C, P), dtype, [grad, argmax, batch_index],
+                                                R * C * PH * PW, add)
+        return OperatorDef([grad, argmax, rois, grad_input])
     block = scatter_channel_block(N, C, P, dtype)
     blocks = C // block
 
@@ -725,7 +770,7 @@ def build_ps_roi_pool(wl: Workload) -> OperatorDef:
     return OperatorDef([data, rois, scalars, out])
 
 
-@register(PS_ROI_POOL + BACKWARD)
+@register(PS_ROI_POOL + BACKWARD, scatter=lambda wl: True)
 def build_ps_roi_pool_backward(wl: Workload) -> OperatorDef:
     s, rois, scalars, psmap, grad = _ps_backward_inputs(wl)
     st = PoolStages(wl, rois, scalars, position_sensitive=True)
@@ -735,6 +780,21 @@ def build_ps_roi_pool_backward(wl: Workload) -> OperatorDef:
     N, C, P, W, dtype = s.batch, s.channels, s.pixels, s.width, s.dtype
     R, PH, PW = s.rois, s.pooled_h, s.pooled_w
     rows_t, cols_t, bidx_t = st.rows, st.cols, st.batch_index
+    if atomic_scatter(wl):
+        # GPU: one thread per (RoI, output channel, bin) adding its share to every pixel of the bin.
+        CO = psmap.out_channels
+
+        def add(t, ins, out):
+            g, bidx, rows, cols = ins
+            k, co, ph, pw = gpu_scatter.unravel(t, (R, CO, PH, PW))
+            with gpu_scatter.when(bidx[k] >= 0):
+                with T_ib.serial(rows[k, ph, 0], rows[k, ph, 1]) as h:
+                    with T_ib.serial(cols[k, pw, 0], cols[k, pw, 1]) as w:
+                        gpu_scatter.atomic_add(out, (bidx[k], psmap.channel(co, ph, pw), h * W + w), g[k, co, ph, pw])
+
+        grad_input = gpu_scatter.atomic_scatter("scatter", (N, C, P), dtype, [share, bidx_t, rows_t, cols_t],
+                                                R * CO * PH * PW, add)
+        return OperatorDef([grad, rois, scalars, grad_input])
 
     @T.prim_func(private=True, s_tir=True)
     def scatter(g: T.Buffer(share.shape, dtype), bidx: T.Buffer(bidx_t.shape, "int32"),
