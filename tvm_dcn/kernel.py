@@ -54,21 +54,79 @@ class Kernel:
         self.schedule_source = schedule_source
         self.from_disk_cache = from_disk_cache
         self.library_path = library_path
-        self._func = module[_ENTRY]
+        self.device_type = "cpu" if target.kind.name == "llvm" else target.kind.name
+        # A GPU kernel built where TVM cannot load GPU modules (no driver): inspectable, not callable.
+        self.runnable = runtime_can_run(target)
+        self._func = module[_ENTRY] if self.runnable else None
+        # Such a kernel's device code compiled here (tvm_dcn.cuda.compile_source), if a compiler is:
+        # (binary, "fatbin" or "cubin"); None elsewhere (a runnable module holds its binary itself).
+        self.cuda_binary: Optional[tuple[bytes, str]] = None
 
     def __call__(self, *args) -> None:
-        self._func(*args)
+        if self.device_type == "cpu":
+            self._func(*args)
+            return
+        if self._func is None:
+            raise RuntimeError(f"tvm_dcn: {self.workload.op} was built for {self.target_tag}, but this process's TVM "
+                               f"runtime cannot run {self.device_type} kernels (its {self.device_type} runtime "
+                               "library did not load: is the GPU driver installed?)")
+        index = _device_index(args, self.device_type, self.workload.op)
+        if index is None:
+            self._func(*args)
+            return
+        import torch  # noqa: PLC0415
+
+        # TVM launches on the current CUDA device (and its host code sets it from the arguments):
+        # make it the tensors' device for the call, then restore the caller's. tvm_ffi runs the
+        # kernels on torch's current stream of that device (it reads it from the tensor arguments).
+        with torch.cuda.device(index):
+            self._func(*args)
 
     def source(self, fmt: str = "ll") -> str:
-        """Generated code (``"ll"``: LLVM IR, ``"asm"``; ``"cu"`` for CUDA) of a freshly built kernel."""
+        """Generated code of a freshly built kernel: ``"ll"`` (LLVM IR) or ``"asm"`` of the CPU
+        (host) part, ``"cu"`` for the CUDA C of a CUDA kernel."""
         module = getattr(self.module, "mod", self.module)  # tvm.compile returns an Executable
         if fmt == "cu":
-            module = next(m for m in module.imports if m.kind == "cuda")
+            device_modules = [m for m in module.imports if m.kind == "cuda"]
+            if not device_modules:
+                raise ValueError(f"source('cu'): {self!r} has no CUDA module (a {self.target.kind.name} kernel, "
+                                 "or one loaded from the disk cache, which keeps only binaries)")
+            return device_modules[0].inspect_source("cuda")
         return module.inspect_source(fmt)
+
+    def resource_usage(self) -> dict:
+        """Per CUDA kernel of this module: registers, shared memory, stack and spills for the
+        target's architecture (``tvm_dcn.cuda.resource_usage``; needs nvcc)."""
+        from . import cuda  # noqa: PLC0415
+
+        return cuda.resource_usage(self.source("cu"), str(self.target.attrs["arch"]))
 
     def __repr__(self) -> str:
         return (f"Kernel({self.workload.short_name()}, target={self.target_tag}, "
                 f"schedule={self.schedule_source})")
+
+
+def runtime_can_run(target) -> bool:
+    """Whether this process's TVM runtime can load (and so run) modules for ``target``'s kind: always for the
+    CPU; for CUDA only where TVM's CUDA runtime library loaded (it needs the driver, ``libcuda``)."""
+    kind = as_target(target).kind.name
+    return kind == "llvm" or tvm.get_global_func(f"ffi.Module.load_from_bytes.{kind}", allow_missing=True) is not None
+
+
+def _device_index(args, device_type: str, op: str) -> Optional[int]:
+    """The device index of the tensor arguments of a GPU kernel call (None if none is a torch tensor);
+    ValueError if a torch tensor is elsewhere."""
+    index = None
+    for position, arg in enumerate(args):
+        device = getattr(arg, "device", None)
+        if device is None or not hasattr(device, "index") or not hasattr(arg, "data_ptr"):
+            continue  # not a torch tensor (TVM tensors carry their device themselves)
+        if device.type != device_type or (index is not None and device.index != index):
+            where = f"{device_type}:{index}" if index is not None else device_type
+            raise ValueError(f"tvm_dcn: argument {position} of the {op} kernel is on {device}, but the kernel runs "
+                             f"on {where}; all tensors must be on one {device_type} device")
+        index = device.index
+    return index
 
 
 def cache_dir() -> Path:
@@ -128,6 +186,7 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
     workloads.note(workload)
     schedule = schedule or _preferred_schedule.source
     target = as_target(target)
+    workload = ops.for_target(workload, target.kind.name)  # GPU: the atomic scatter formulation
     key = (workload, json.dumps(target.export(), sort_keys=True, default=str), schedule)
     kernel = _memory_cache.get(key)
     if kernel is not None:
@@ -144,6 +203,8 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
 
 def _build_or_load(workload: Workload, target, schedule: Optional[str], use_disk_cache: bool,
                    skip_tuned: bool = False) -> Kernel:
+    # A GPU module that this process cannot load is kept in memory (for its source), not exported.
+    use_disk_cache = use_disk_cache and runtime_can_run(target)
     func = primfunc(workload)
     source, fingerprint_part, apply = _plan_schedule(workload, target, func, schedule, skip_tuned)
     fingerprint = _fingerprint(workload, target, source, fingerprint_part)
@@ -154,6 +215,11 @@ def _build_or_load(workload: Workload, target, schedule: Optional[str], use_disk
             return Kernel(workload, target, module, source, from_disk_cache=True, library_path=str(path))
         except Exception as err:  # a truncated or foreign file: rebuild and replace it
             logger.warning("tvm_dcn: ignoring unreadable cached kernel %s (%s)", path, err)
+    gpu = target.kind.name != "llvm"
+    if gpu and runtime_can_run(target):
+        from . import cuda  # noqa: PLC0415
+
+        cuda.configure()  # TVM compiles the device code as it builds: needs NVRTC or nvcc
     try:
         mod = apply()
         with tvm.transform.PassContext(opt_level=3):
@@ -171,7 +237,25 @@ def _build_or_load(workload: Workload, target, schedule: Optional[str], use_disk
         if library_path is not None:
             # Load the exported copy so this process and later ones run the very same code.
             module = tvm.runtime.load_module(library_path)
-    return Kernel(workload, target, module, source, library_path=library_path)
+    kernel = Kernel(workload, target, module, source, library_path=library_path)
+    if gpu and not kernel.runnable:
+        from . import cuda  # noqa: PLC0415
+
+        # No GPU runtime here: TVM kept the CUDA C. Compile it for the target's architecture,
+        # which checks that it builds (and gives the binary, e.g. for a GPU host without a compiler).
+        if cuda.compiler() is not None and target.attrs.get("arch"):
+            kernel.cuda_binary = cuda.compile_source(kernel.source("cu"), str(target.attrs["arch"]))
+    return kernel
+
+
+def scheduled_module(workload: Workload, target: TargetLike = None, *,
+                     schedule: Optional[str] = None) -> tuple[str, tvm.IRModule]:
+    """(schedule source, scheduled IRModule) of ``workload`` for ``target``, before compilation:
+    what :func:`compile` builds (with the target's scatter formulation), for inspection and tests."""
+    target = as_target(target)
+    workload = ops.for_target(workload, target.kind.name)
+    source, _, apply = _plan_schedule(workload, target, primfunc(workload), schedule)
+    return source, apply()
 
 
 def primfunc(workload: Workload) -> tvm.tirx.PrimFunc:
