@@ -29,6 +29,23 @@ _SCHEDULES = {
     ("deform_psroi_pool", "llvm"): "cpu_roi_align:schedule_deform_psroi_pool",
     ("deform_psroi_pool_backward", "llvm"): "cpu_roi_align:schedule_backward",
     ("deform_psroi_pool_backward_params", "llvm"): "cpu_roi_align:schedule_params_backward",
+    ("deform_conv2d", "cuda"): "cuda_deform_conv2d",
+    ("deform_conv2d_backward_data", "cuda"): "cuda_deform_conv2d:schedule_backward_data",
+    ("deform_conv2d_backward_weight", "cuda"): "cuda_deform_conv2d:schedule_backward_weight",
+    ("roi_align", "cuda"): "cuda_roi_align",
+    ("roi_align_backward", "cuda"): "cuda_roi_align",
+    ("ps_roi_align", "cuda"): "cuda_roi_align",
+    ("ps_roi_align_backward", "cuda"): "cuda_roi_align",
+    ("roi_pool", "cuda"): "cuda_roi_align",
+    ("roi_pool_backward", "cuda"): "cuda_roi_align",
+    ("ps_roi_pool", "cuda"): "cuda_roi_align",
+    ("ps_roi_pool_backward", "cuda"): "cuda_roi_align",
+    ("deform_roi_pool", "cuda"): "cuda_roi_align",
+    ("deform_roi_pool_backward", "cuda"): "cuda_roi_align",
+    ("deform_roi_pool_backward_params", "cuda"): "cuda_roi_align",
+    ("deform_psroi_pool", "cuda"): "cuda_roi_align",
+    ("deform_psroi_pool_backward", "cuda"): "cuda_roi_align",
+    ("deform_psroi_pool_backward_params", "cuda"): "cuda_roi_align",
 }
 
 

@@ -1,0 +1,48 @@
+"""CUDA schedule for the RoI pooling family (``tvm_dcn/ops/roi_align.py``, ``deform_roi_pool.py``):
+a simple one, the same for every operator of the family.
+
+Every stage gets one thread per output element (its spatial loops fused, 256 threads a block),
+in the stage's own layout: for the gathers (RoI, channel, bin row, bin column), bins fastest, as
+torchvision's CUDA kernels do. A reduction (the samples of a bin, the pixels of a pooling bin,
+the channels of a corner sum) runs serially in its thread, accumulating in a register. The
+small per-RoI stages (geometry, interpolation tables) are kernels of their own: inlining them
+into the gathers (what dlight's fallback does) recomputes them per channel and makes the
+expressions so large that TVM takes a minute to lower one kernel. The input-gradient scatters
+bind their own threads (atomic adds, ``tvm_dcn.ops.gpu_scatter``).
+
+What this leaves on the table: the gathers read the input planes (N, C, H*W) at scattered
+positions, with neighbouring threads on neighbouring bins of one channel; a channels-last copy of
+the input, or a thread per channel with a bin's samples shared through shared memory, would
+coalesce better. MetaSchedule tuning can find such layouts; this schedule is the baseline.
+"""
+from __future__ import annotations
+
+from .cuda_common import ELEMENTWISE_THREADS, _iter_kinds, bind_elementwise, is_self_threaded
+
+
+def schedule(sch, workload, target) -> None:
+    """All stages of a RoI operator (forward, input gradient or parameter gradients)."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if is_self_threaded(sch, block):
+            continue
+        if "R" in _iter_kinds(sch, block):
+            _thread_per_output(sch, block)
+        else:
+            bind_elementwise(sch, block)
+
+
+def _thread_per_output(sch, block) -> None:
+    """A reduction stage: a thread per output element; its reduction serial, in a register
+    (stages with two outputs, RoI Pool's max and argmax, accumulate in place)."""
+    loops = sch.get_loops(block)
+    kinds = _iter_kinds(sch, block)
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+    reductions = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    sch.reorder(*spatial, *reductions)
+    bx, tx = sch.split(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0], [None, ELEMENTWISE_THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    if len(sch.get(block).writes) == 1:
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, tx)
+    sch.decompose_reduction(block, reductions[0])
