@@ -204,7 +204,7 @@ def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
                                str(port), "--port-end", str(port + 1)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)]
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # generous: starting tvm in 3 processes on a loaded 2-core machine
         while True:
             try:
                 tracker = tvm.rpc.connect_tracker("127.0.0.1", port)
@@ -214,10 +214,11 @@ def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
                     raise
                 time.sleep(0.5)
         for _ in range(2):
+            server_port = _free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key",
-                 "tvm-dcn-test", "--host", "127.0.0.1", "--port", str(_free_port())], env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                 "tvm-dcn-test", "--host", "127.0.0.1", "--port", str(server_port), "--port-end",
+                 str(server_port + 1)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         while "tvm-dcn-test" not in tracker.text_summary() or tracker.text_summary().count("127.0.0.1") < 2:
             if time.time() > deadline:
                 pytest.fail(f"RPC servers did not register: {tracker.text_summary()}")
