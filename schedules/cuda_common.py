@@ -44,6 +44,21 @@ def largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
+def split_threads(sch, loop, extent: int, threads: int = ELEMENTWISE_THREADS, min_threads: int = 32):
+    """Split ``loop`` (of ``extent``) into (blockIdx.x, threadIdx.x) loops, bound; returns
+    (block loop, thread loop, exact). The thread count divides the extent when a divisor of at
+    least ``min_threads`` (or the whole extent) fits in ``threads``: then no thread is idle and
+    no bounds predicate is needed. Only an exact split may carry a cache that is written back
+    per thread (``reverse_compute_at``): TVM drops the predicate of such a write-back when its
+    region is one element, and the idle threads of an inexact split would write out of bounds."""
+    divisor = largest_divisor(extent, threads)
+    exact = divisor == extent or divisor >= min_threads
+    bx, tx = sch.split(loop, [None, divisor if exact else threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    return bx, tx, exact
+
+
 def is_self_threaded(sch, block) -> bool:
     """Whether ``block`` launches its own threads (an extern stage with thread-bound loops)."""
     import tvm_ffi  # noqa: PLC0415
@@ -132,15 +147,17 @@ def gemm_tiles(*, group_rows: int, cols: int, reduction: int, dtype: str,
     """Tiles for a GEMM whose rows come in groups of ``group_rows`` (a row tile never straddles
     two groups: each group reads its own slice of an operand), with ``cols`` columns and a
     reduction of ``reduction``; ``reduction_align``: a number the reduction step must divide
-    (e.g. the pixel padding, so that a step never straddles two images)."""
+    (e.g. the pixel padding, so that a step never straddles two images).
+
+    Every tile divides its extent: no thread block has idle threads or needs bounds predicates,
+    and the per-thread write-back of the register tile is exact (see :func:`split_threads`).
+    Extents with few small divisors get small tiles (correct, slower)."""
     tm = largest_divisor(group_rows, THREAD_TILE)
     ty = largest_divisor(group_rows // tm, BLOCK_THREADS)
-    tn = largest_divisor(cols, min(THREAD_TILE, vector_width(dtype) * 2))
-    tx = max(1, min(BLOCK_THREADS, -(-cols // tn)))
+    tn = largest_divisor(cols, THREAD_TILE)
+    tx = largest_divisor(cols // tn, BLOCK_THREADS)
     limit = REDUCTION_STEP if reduction_align is None else largest_divisor(reduction_align, REDUCTION_STEP)
     bk = largest_divisor(reduction, limit)
-    if bk < 4 and reduction > limit:
-        bk = limit  # a prime-ish reduction: step by ``limit`` with a guarded last step
     return GemmTiles(tm=tm, ty=ty, tn=tn, tx=tx, bk=bk)
 
 

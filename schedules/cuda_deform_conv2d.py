@@ -16,7 +16,8 @@
 """
 from __future__ import annotations
 
-from .cuda_common import bind_elementwise, bind_reduction, existing_blocks, gemm_tiles, tiled_gemm, vector_width
+from .cuda_common import (bind_elementwise, bind_reduction, existing_blocks, gemm_tiles, split_threads, tiled_gemm,
+                          vector_width)
 
 
 def _geometry(workload):
@@ -78,11 +79,13 @@ def _corner_sums(sch) -> None:
     block = sch.get_sblock("corner_sum")
     n, g, k, q, p, ci = sch.get_loops(block)
     sch.reorder(n, g, k, p, ci, q)
-    bx, tx = sch.split(sch.fuse(n, g, k, p), [None, 128])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
-    accumulator = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(accumulator, tx)
+    extent = 1
+    for loop in (n, g, k, p):
+        extent *= int(sch.get(loop).extent)
+    _, tx, exact = split_threads(sch, sch.fuse(n, g, k, p), extent, threads=128)
+    if exact:  # else the four sums accumulate in place (see split_threads)
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, tx)
     sch.unroll(q)
     sch.decompose_reduction(block, ci)
 

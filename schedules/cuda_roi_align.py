@@ -17,7 +17,7 @@ coalesce better. MetaSchedule tuning can find such layouts; this schedule is the
 """
 from __future__ import annotations
 
-from .cuda_common import ELEMENTWISE_THREADS, _iter_kinds, bind_elementwise, is_self_threaded
+from .cuda_common import _iter_kinds, bind_elementwise, is_self_threaded, split_threads
 
 
 def schedule(sch, workload, target) -> None:
@@ -33,16 +33,18 @@ def schedule(sch, workload, target) -> None:
 
 def _thread_per_output(sch, block) -> None:
     """A reduction stage: a thread per output element; its reduction serial, in a register
-    (stages with two outputs, RoI Pool's max and argmax, accumulate in place)."""
+    (in place when the thread split is not exact, see ``split_threads``, and for stages with two
+    outputs, RoI Pool's max and argmax)."""
     loops = sch.get_loops(block)
     kinds = _iter_kinds(sch, block)
     spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
     reductions = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
     sch.reorder(*spatial, *reductions)
-    bx, tx = sch.split(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0], [None, ELEMENTWISE_THREADS])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
-    if len(sch.get(block).writes) == 1:
+    extent = 1
+    for loop in spatial:
+        extent *= int(sch.get(loop).extent)
+    _, tx, exact = split_threads(sch, sch.fuse(*spatial) if len(spatial) > 1 else spatial[0], extent)
+    if exact and len(sch.get(block).writes) == 1:
         accumulator = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(accumulator, tx)
     sch.decompose_reduction(block, reductions[0])
