@@ -1,12 +1,17 @@
 """PyTorch entry points: torchvision-compatible functions that run tvm-dcn kernels.
 
 Tensors reach the compiled kernels zero-copy through DLPack; outputs are allocated by PyTorch.
+CPU tensors run CPU kernels; CUDA tensors run kernels built for their GPU (``target.cuda_target``:
+its architecture and model, so its tuning records), on that device and on torch's current
+stream of it (``Kernel.__call__``), so they order with the surrounding torch work and can be
+captured in CUDA graphs (call once before capturing: the first call loads the kernels).
 The kernels are registered as ``torch.library`` custom ops (``torch.ops.tvm_dcn.*``, with fake
 implementations for ``torch.compile``), and :class:`DeformConv2dFunction` wires the forward and
 backward kernels into autograd. Backward kernels compute only the gradients autograd asks for.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -47,6 +52,23 @@ def _check_tensor(t, name: str, ndim: int) -> None:
         raise ValueError(f"{name} must be a {ndim}-d tensor, got shape {tuple(t.shape)}")
     if t.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; tvm_dcn supports float32 and float64")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int):
+    from .target import cuda_target  # noqa: PLC0415
+
+    return cuda_target(index)
+
+
+def device_target(device: torch.device, name: str = "input"):
+    """The TVM target of tensors on ``device``: None (this CPU) for CPU tensors, the target of that
+    GPU for CUDA tensors; ValueError naming ``name`` for other devices."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    raise ValueError(f"{name} is on {device}; tvm_dcn runs on CPU and CUDA devices")
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
@@ -105,8 +127,7 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
             raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all must match")
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
-    if input.device.type != "cpu":
-        raise ValueError(f"input is on {input.device}; tvm_dcn runs on the CPU for now")
+    device_target(input.device, "input")
 
     batch, in_channels, height, width = input.shape
     out_channels, weight_in_channels, kernel_h, kernel_w = weight.shape
@@ -180,14 +201,15 @@ def _forward_op(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     if _is_empty(input, weight):
         out = input.new_zeros((batch, out_channels, out_h, out_w))
         return out + bias.view(1, -1, 1, 1) if bias is not None and batch else out
-    kern = _kernel.compile(_workload(input, offset, weight, bias, mask, stride, padding, dilation))
+    kern = _kernel.compile(_workload(input, offset, weight, bias, mask, stride, padding, dilation),
+                           device_target(input.device))
     args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
     if mask is not None:
         args.append(_flat(mask, mask.shape[1]))
     args.append(kernel_arg(weight).view(out_channels, -1))
     if bias is not None:
         args.append(kernel_arg(bias))
-    out = torch.empty((batch, out_channels, out_h * out_w), dtype=input.dtype)
+    out = input.new_empty((batch, out_channels, out_h * out_w))
     kern(*args, out)
     return out.view(batch, out_channels, out_h, out_w)
 
@@ -220,6 +242,7 @@ def _backward_op(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.T
     out_channels = weight.shape[0]
     pixels = offset.shape[2] * offset.shape[3]
     forward = _workload(input, offset, weight, None, mask, stride, padding, dilation)
+    target = device_target(input.device)
     grad_out = _flat(grad_output, out_channels)
     sampling_args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
     if mask is not None:
@@ -227,14 +250,15 @@ def _backward_op(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.T
 
     if need_input or need_offset or need_mask:
         need_sampling = need_offset or need_mask
-        kern = _kernel.compile(backward_data_workload(forward, need_input=need_input, need_sampling=need_sampling))
+        kern = _kernel.compile(backward_data_workload(forward, need_input=need_input, need_sampling=need_sampling),
+                               target)
         outs = []
         if need_input:
-            outs.append(torch.empty((batch, in_channels, input.shape[2] * input.shape[3]), dtype=input.dtype))
+            outs.append(input.new_empty((batch, in_channels, input.shape[2] * input.shape[3])))
         if need_sampling:
-            outs.append(torch.empty((batch, offset.shape[1], pixels), dtype=input.dtype))
+            outs.append(input.new_empty((batch, offset.shape[1], pixels)))
             if mask is not None:
-                outs.append(torch.empty((batch, mask.shape[1], pixels), dtype=input.dtype))
+                outs.append(input.new_empty((batch, mask.shape[1], pixels)))
         kern(grad_out, *sampling_args, kernel_arg(weight).view(out_channels, -1), *outs)
         if need_input:
             grads[0] = outs.pop(0).view_as(input)
@@ -245,12 +269,12 @@ def _backward_op(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.T
             if mask is not None and need_mask:
                 grads[2] = outs.pop(0).view_as(mask)
     if need_weight or need_bias:
-        kern = _kernel.compile(backward_weight_workload(forward, need_weight=need_weight, need_bias=need_bias))
+        kern = _kernel.compile(backward_weight_workload(forward, need_weight=need_weight, need_bias=need_bias), target)
         outs = []
         if need_weight:
-            outs.append(torch.empty((out_channels, weight[0].numel()), dtype=input.dtype))
+            outs.append(input.new_empty((out_channels, weight[0].numel())))
         if need_bias:
-            outs.append(torch.empty(out_channels, dtype=input.dtype))
+            outs.append(input.new_empty(out_channels))
         kern(grad_out, *(sampling_args if need_weight else []), *outs)
         if need_weight:
             grads[3] = outs.pop(0).view_as(weight)

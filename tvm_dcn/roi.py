@@ -1,7 +1,8 @@
 """PyTorch entry points for the RoI pooling family: torchvision's ``roi_align``, ``roi_pool``,
 ``ps_roi_align``, ``ps_roi_pool``; mmcv's ``deform_roi_pool`` (plain and modulated) and the
 Deformable-ConvNets ``deform_psroi_pool``; their ``nn.Module`` wrappers; forward and backward on
-the CPU through tvm-dcn kernels.
+the CPU or a CUDA GPU (the input's device; boxes and parameters must be on it too) through
+tvm-dcn kernels.
 
 Boxes are ``Tensor[K, 5]`` rows (batch index, x1, y1, x2, y2) or a list of ``Tensor[L, 4]`` (one per
 image), as in torchvision. Kernels are compiled per feature-map shape and *bucket* of box counts
@@ -27,7 +28,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import kernel as _kernel
-from .functional import _SUPPORTED_DTYPES, _pair, kernel_arg
+from .functional import _SUPPORTED_DTYPES, _pair, device_target, kernel_arg
 from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
@@ -51,8 +52,7 @@ def _check_input(input, name: str = "input") -> None:
         raise ValueError(f"{name} must be a 4-d (N, C, H, W) tensor, got shape {tuple(input.shape)}")
     if input.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {input.dtype}; tvm_dcn supports float32 and float64")
-    if input.device.type != "cpu":
-        raise ValueError(f"{name} is on {input.device}; tvm_dcn runs on the CPU for now")
+    device_target(input.device, name)
     if input.shape[2] == 0 or input.shape[3] == 0:
         raise ValueError(f"{name} has an empty spatial size {tuple(input.shape[2:])}")
 
@@ -87,7 +87,7 @@ def _rois(boxes: Boxes, input: torch.Tensor, spatial_scale: float, name: str = "
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
                              f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
-        rois = _as_float(boxes, name, dtype)
+        rois = _as_float(boxes, name, dtype, input)
     elif isinstance(boxes, (list, tuple)):
         parts = []
         for i, b in enumerate(boxes):
@@ -95,9 +95,9 @@ def _rois(boxes: Boxes, input: torch.Tensor, spatial_scale: float, name: str = "
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(b).__name__}")
             if b.dim() != 2 or b.shape[1] != 4:
                 raise ValueError(f"{name}[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
-            b = _as_float(b, f"{name}[{i}]", dtype)
-            parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype), b], dim=1))
-        rois = torch.cat(parts) if parts else torch.zeros(0, 5, dtype=dtype)
+            b = _as_float(b, f"{name}[{i}]", dtype, input)
+            parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device), b], dim=1))
+        rois = torch.cat(parts) if parts else input.new_zeros(0, 5)
     else:
         raise TypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     if rois.numel() == 0:
@@ -115,11 +115,11 @@ def _rois(boxes: Boxes, input: torch.Tensor, spatial_scale: float, name: str = "
     return rois
 
 
-def _as_float(t: torch.Tensor, name: str, dtype) -> torch.Tensor:
+def _as_float(t: torch.Tensor, name: str, dtype, input: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} has dtype {t.dtype}; boxes must be real numbers")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}; tvm_dcn runs on the CPU for now")
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {input.device}; boxes must be on the input's device")
     return t.detach().to(dtype)
 
 
@@ -145,7 +145,7 @@ def _adaptive_grid(rois: torch.Tensor, spatial_scale: float, output_size, shift:
     """Largest ``ceil(roi_size / pooled)`` along (y, x), computed as the kernels do, bucketed."""
     if rois.shape[0] == 0:
         return (1, 1)
-    scale = torch.tensor(spatial_scale, dtype=rois.dtype)
+    scale = torch.tensor(spatial_scale, dtype=rois.dtype, device=rois.device)
     grid = []
     for axis, (lo_col, hi_col) in enumerate(((2, 4), (1, 3))):
         size = (rois[:, hi_col] * scale - shift) - (rois[:, lo_col] * scale - shift)
@@ -186,11 +186,12 @@ class _Plan:
         self.rows = roi_bucket(self.num_rois)
         self.output_size = output_size
         self.out_channels = out_channels
-        padded = torch.zeros(self.rows, 5, dtype=input.dtype)
+        self.target = device_target(input.device)
+        padded = input.new_zeros(self.rows, 5)
         padded[:, 0] = -1  # padding rows: skipped by every stage
         padded[: self.num_rois] = rois
         self.rois = padded
-        self.scalars = torch.tensor(list(scalars), dtype=input.dtype)
+        self.scalars = torch.tensor(list(scalars), dtype=input.dtype, device=input.device)
         _check_size(input, self.rows * out_channels * output_size[0] * output_size[1])
 
     @property
@@ -220,12 +221,16 @@ class _Plan:
 
     def grad_input_buffer(self) -> torch.Tensor:
         n, c, h, w = self.shape
-        return torch.empty((n, c, h * w), dtype=self.dtype)
+        return self.rois.new_empty((n, c, h * w))
 
     def run_forward(self, workload, args, extra_outputs=()) -> torch.Tensor:
-        out = torch.empty(self.output_shape(self.rows), dtype=self.dtype)
-        _kernel.compile(workload)(*args, out, *extra_outputs)
+        out = self.rois.new_empty(self.output_shape(self.rows))
+        self.kernel(workload)(*args, out, *extra_outputs)
         return out
+
+    def kernel(self, workload) -> _kernel.Kernel:
+        """The kernel of ``workload`` for this call's device."""
+        return _kernel.compile(workload, self.target)
 
     # Interface for _RoIFunction.
     def forward(self, input, offset, mask):  # -> (output, tensors to save)
@@ -284,7 +289,7 @@ class _AlignPlan(_Plan):
             return None, None, None
         grad_input = self.grad_input_buffer()
         grad_out = self.padded(grad, self.output_shape(self.rows)[1:])
-        _kernel.compile(self.workloads[1])(grad_out, self.rois, self.scalars, grad_input)
+        self.kernel(self.workloads[1])(grad_out, self.rois, self.scalars, grad_input)
         return grad_input.view(self.shape), None, None
 
 
@@ -304,7 +309,7 @@ class _PoolPlan(_Plan):
         args = [self.flat_input(input), self.rois, self.scalars]
         if self.position_sensitive:
             return self.run_forward(self.workloads[0], args)[: self.num_rois], ()
-        argmax = torch.empty(self.output_shape(self.rows), dtype=torch.int32)
+        argmax = self.rois.new_empty(self.output_shape(self.rows), dtype=torch.int32)
         out = self.run_forward(self.workloads[0], args, [argmax])
         return out[: self.num_rois], (argmax,)
 
@@ -313,7 +318,7 @@ class _PoolPlan(_Plan):
             return None, None, None
         grad_input = self.grad_input_buffer()
         grad_out = self.padded(grad, self.output_shape(self.rows)[1:])
-        kern = _kernel.compile(self.workloads[1])
+        kern = self.kernel(self.workloads[1])
         if self.position_sensitive:
             kern(grad_out, self.rois, self.scalars, grad_input)
         else:
@@ -350,13 +355,13 @@ class _DeformPlan(_Plan):
         grad_input = grad_offset = grad_mask = None
         if needs[0]:
             grad_input = self.grad_input_buffer()
-            _kernel.compile(self.workloads["input"])(grad_out, *params, grad_input)
+            self.kernel(self.workloads["input"])(grad_out, *params, grad_input)
             grad_input = grad_input.view(self.shape)
         if (needs[1] and offset is not None) or (needs[2] and mask is not None):
             ph, pw = self.output_size
-            outs = ([torch.empty(self.rows, 2, ph, pw, dtype=self.dtype)] if offset is not None else []) + \
-                   ([torch.empty(self.rows, ph, pw, dtype=self.dtype)] if mask is not None else [])
-            _kernel.compile(self.workloads["params"])(grad_out, self.flat_input(input), *params, *outs)
+            outs = ([self.rois.new_empty(self.rows, 2, ph, pw)] if offset is not None else []) + \
+                   ([self.rois.new_empty(self.rows, ph, pw)] if mask is not None else [])
+            self.kernel(self.workloads["params"])(grad_out, self.flat_input(input), *params, *outs)
             if offset is not None and needs[1]:
                 grad_offset = outs[0][: self.num_rois].view_as(offset)
             if mask is not None and needs[2]:
@@ -392,12 +397,12 @@ class _PSDeformPlan(_Plan):
         grad_input = grad_trans = None
         if needs[0]:
             grad_input = self.grad_input_buffer()
-            _kernel.compile(self.workloads["input"])(grad_out, *params, grad_input)
+            self.kernel(self.workloads["input"])(grad_out, *params, grad_input)
             grad_input = grad_input.view(self.shape)
         if needs[1] and trans is not None:
             part = self.part_size
-            out = torch.empty(self.rows, 2 * self.num_classes, part, part, dtype=self.dtype)
-            _kernel.compile(self.workloads["params"])(grad_out, self.flat_input(input), *params, out)
+            out = self.rois.new_empty(self.rows, 2 * self.num_classes, part, part)
+            self.kernel(self.workloads["params"])(grad_out, self.flat_input(input), *params, out)
             grad_trans = out[: self.num_rois]
         return grad_input, grad_trans, None
 
