@@ -7,7 +7,9 @@ addressed by the stage names of the operator's TE definition in ``tvm_dcn/ops``)
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from typing import Callable, Optional
 
 # (operator, target kind) -> "module" (its function ``schedule``) or "module:function" in this package.
@@ -63,6 +65,15 @@ def find(op: str, target_kind: str) -> Optional[Callable]:
     if entry is None:
         return None
     return getattr(importlib.import_module(f"{__name__}.{entry[0]}"), entry[1])
+
+
+def find_template(op: str, target_kind: str) -> Optional[Callable]:
+    """The hand schedule of ``op`` as a tuning design space: ``template(sch, workload, target)``
+    with its tile sizes sampled (schedules that take ``sampled=True``), or None."""
+    hand = find(op, target_kind)
+    if hand is None or "sampled" not in inspect.signature(hand).parameters:
+        return None
+    return functools.partial(hand, sampled=True)
 
 
 def source_file(op: str, target_kind: str) -> Optional[str]:

@@ -50,7 +50,7 @@ def core_count(target) -> int:
 
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
-                 cores: int) -> None:
+                 cores: int, sampled: bool = False) -> None:
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
     Each (rows x lanes) output tile stays in vector registers across the whole reduction, fed by
@@ -58,6 +58,9 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     rows x pixels distributed over cores. Tiles never straddle a group of ``group_rows`` rows (a
     convolution group reads another slice of its operands). ``batch_rows``: batch x rows, the
     number of rows over all parallel tasks.
+
+    ``sampled``: the tile sizes become MetaSchedule decisions (``sample_perfect_tile``), making
+    this a design space for the tuner; the fixed choices above are one point of it.
     """
     rows = largest_divisor(group_rows, ACCUMULATOR_VECTORS)
     block_rows = largest_divisor(group_rows, ROW_BLOCK, multiple_of=rows)
@@ -72,8 +75,14 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     gemm = sch.get_sblock(block)
     loops = sch.get_loops(gemm)
     n, row, p, reduction = loops[0], loops[1], loops[2], loops[3:]
-    row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
-    p_outer, p_mid, p_inner = sch.split(p, [pixel_blocks, None, lanes])
+    if sampled:
+        row_factors = sch.sample_perfect_tile(row, n=3, max_innermost_factor=2 * ACCUMULATOR_VECTORS)
+        row_outer, row_mid, row_inner = sch.split(row, row_factors)
+        p_vectors, p_inner = sch.split(p, [None, lanes])
+        p_outer, p_mid = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=2))
+    else:
+        row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
+        p_outer, p_mid, p_inner = sch.split(p, [pixel_blocks, None, lanes])
     sch.reorder(n, row_outer, p_outer, row_mid, p_mid, *reduction, row_inner, p_inner)
     sch.parallel(sch.fuse(n, row_outer, p_outer))
     accumulator = sch.cache_write(gemm, 0, "local")

@@ -36,23 +36,26 @@ def _columns(sch: Schedule, lanes: int) -> None:
     parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes)
 
 
-def schedule(sch: Schedule, workload, target) -> None:
-    """deform_conv2d: sampling, deformable im2col, output GEMM, bias."""
+def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
+    """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
+
+    ``sampled`` (all schedules here): GEMM tile sizes are MetaSchedule decisions: the schedule is
+    then a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it."""
     geo, lanes = _geometry(workload, target)
     _columns(sch, lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
-                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target))
+                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled)
     parallel_rows(sch, "output")
 
 
-def schedule_backward_data(sch: Schedule, workload, target) -> None:
+def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
     sums that give the offset and mask gradients."""
     geo, lanes = _geometry(workload, target)
     _sampling(sch, lanes, weights=workload["need_input"])
     parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
     blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
-                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target))
+                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled)
     if workload["need_sampling"]:
         # Loops (n, g, k, q, p, ci): one task per (n, g, k, q); each lanes-wide pixel vector
         # accumulates over the channels in registers.
@@ -71,7 +74,7 @@ def schedule_backward_data(sch: Schedule, workload, target) -> None:
             parallel_rows(sch, "grad_mask")
 
 
-def schedule_backward_weight(sch: Schedule, workload, target) -> None:
+def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
     grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""
     geo, lanes = _geometry(workload, target)
@@ -84,8 +87,12 @@ def schedule_backward_weight(sch: Schedule, workload, target) -> None:
         r_lanes = largest_divisor(geo.reduction, lanes)
         block = sch.get_sblock("grad_weight")
         co, r, n, p = sch.get_loops(block)
-        co_outer, co_inner = sch.split(co, [None, rows])
-        r_outer, r_inner = sch.split(r, [None, r_lanes])
+        if sampled:
+            co_outer, co_inner = sch.split(co, sch.sample_perfect_tile(co, n=2, max_innermost_factor=16))
+            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(r, n=2, max_innermost_factor=2 * lanes))
+        else:
+            co_outer, co_inner = sch.split(co, [None, rows])
+            r_outer, r_inner = sch.split(r, [None, r_lanes])
         sch.reorder(co_outer, r_outer, n, p, co_inner, r_inner)
         tasks = sch.fuse(co_outer, r_outer)
         sch.parallel(tasks)

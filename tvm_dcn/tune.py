@@ -6,15 +6,18 @@
 How a run goes:
 
 1. Every distinct workload of the set is a task, weighted by how often the set runs it.
-2. The work dir (default ``tvm-dcn-tuning/<target-tag>/``) holds a MetaSchedule JSON database of
+2. The design space of a task is MetaSchedule's generic one united with the hand schedule's own,
+   whose tile sizes become sampled decisions (``design_space``).
+3. The work dir (default ``tvm-dcn-tuning/<target-tag>/``) holds a MetaSchedule JSON database of
    every measured candidate. A task that has no record yet is first *seeded* with its hand
    schedule (``schedules/``), measured like any candidate, so the best record is never worse
    than the hand schedule and the evolutionary search starts from it.
-3. MetaSchedule searches (post-order-apply design spaces, evolutionary search, XGBoost cost
+4. MetaSchedule searches (evolutionary search, XGBoost cost
    model, gradient task scheduler) until each task has ``trials_per_task`` measured records.
    Runs are resumable: records already in the work dir count, so re-running with the same budget
    does nothing and a larger budget continues the search.
-4. The best record of each workload is exported to ``<output>/`` (default: the package's
+5. The best records of each task are measured again next to the hand schedule, and the fastest
+   of each workload is exported to ``<output>/`` (default: the package's
    ``tuning_logs/<target-tag>/``): ``database_workload.json`` and ``database_tuning_record.json``
    (one record per workload, sorted by workload, so diffs are readable) and ``manifest.json``
    (target, versions, date, trials and measured latencies). Records of other workloads already
@@ -121,6 +124,24 @@ def _measure(mod: tvm.IRModule, target, builder, runner) -> Optional[list[float]
         logger.warning("tvm_dcn.tune: run failed: %s", result.error_msg.splitlines()[-1])
         return None
     return [float(s) for s in result.run_secs]
+
+
+def design_space(workload: Workload, target):
+    """MetaSchedule's generic space (post-order-apply of its schedule rules), united with the hand
+    schedule's own space (its tile sizes as sampled decisions) where the hand schedule has one:
+    the search mixes both, and the hand choices are a point of the second."""
+    ms = _ms()
+    from .schedules import find_template  # noqa: PLC0415
+
+    template = find_template(workload.op, target.kind.name)
+    if template is None:
+        return "post-order-apply"
+
+    def hand_space(sch) -> None:
+        template(sch, workload, target)
+
+    return ms.space_generator.SpaceGeneratorUnion(
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(hand_space)])
 
 
 def _warm_builder_worker() -> None:
@@ -262,7 +283,7 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
                 population_size=population, init_min_unmeasured=min(50, population),
                 genetic_num_iters=genetic_iters)
 
-        tasks = [ms.TuneContext(mod=ir_module(wl), target=target, space_generator="post-order-apply",
+        tasks = [ms.TuneContext(mod=ir_module(wl), target=target, space_generator=design_space(wl, target),
                                 search_strategy=strategy(), task_name=name, logger=log,
                                 rand_state=seed + i, num_threads=cores).clone()
                  for i, ((wl, _, _), name, log) in enumerate(zip(remaining, names, loggers))]
