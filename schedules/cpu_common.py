@@ -90,9 +90,12 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     sch.unroll(row_inner)
     sch.vectorize(p_inner)  # before decompose_reduction: it needs the complete reduction block
     sch.decompose_reduction(gemm, reduction[0])
-    acc_loops = sch.get_loops(accumulator)
-    sch.unroll(acc_loops[-2])
-    sch.vectorize(acc_loops[-1])
+    if not sampled:
+        # The write-back's loops exist only for tiles wider than one: with sampled tiles their
+        # number would depend on the decisions, which a replayed (mutated) trace must not.
+        acc_loops = sch.get_loops(accumulator)
+        sch.unroll(acc_loops[-2])
+        sch.vectorize(acc_loops[-1])
 
 
 def parallel_rows(sch, block: str, parallel_axes: int = 2) -> None:
