@@ -5,6 +5,16 @@
                                       forward+backward: default / hand / tuned tvm-dcn kernels vs
                                       torchvision and dense conv2d; table, JSON, Markdown, PNG
     tvm-dcn tune [--workloads SET]    MetaSchedule tuning; records to tuning_logs/<target-tag>/
+
+Two-step tuning for a GPU host without a compiler (tvm_dcn/remote_tune.py):
+
+    tvm-dcn tune-candidates --work-dir W --out C [--workloads SET --target JSON]
+                                      a round of candidates built into C (first call: starts W)
+    tvm-dcn measure C --out RESULTS   on the measuring host: time C's candidates (runtime only)
+    tvm-dcn tune-feed --work-dir W RESULTS
+                                      commit the times to W's database and cost model
+    tvm-dcn tune-export --work-dir W [--output DIR]
+                                      best records to tuning_logs/<target-tag>/
 """
 from __future__ import annotations
 
@@ -62,6 +72,91 @@ def _tune(args) -> int:
     return 0
 
 
+def _json_option(text: str, option: str):
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise SystemExit(f"tvm-dcn: {option} must be JSON ({err}): {text!r}") from None
+
+
+def _tune_candidates(args) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from . import remote_tune, workloads  # noqa: PLC0415
+
+    work_dir = Path(args.work_dir)
+    if not (work_dir / remote_tune.STATE_FILE).exists():
+        wls = []
+        for name in args.workloads or ["resnet50-dcn-224"]:
+            wls += workloads.load(name)
+        if args.only:
+            wls = [wl for wl in wls if wl.op in args.only]
+            if not wls:
+                raise SystemExit(f"tvm-dcn tune-candidates: no workload of the set has an operator in {args.only}")
+        remote_tune.init_work_dir(work_dir, wls, _json_option(args.target, "--target") if args.target else None,
+                                  trials_per_task=args.trials_per_task, trials_per_round=args.trials_per_round,
+                                  population=args.population, genetic_iters=args.genetic_iters, seed=args.seed)
+    elif args.workloads or args.target or args.only:
+        raise SystemExit(f"tvm-dcn tune-candidates: {work_dir} already holds a tuning; its workloads and target "
+                         "are fixed (drop --workloads/--target/--only, or use a new work dir)")
+    print(remote_tune.generate_candidates(work_dir, args.out))
+    return 0
+
+
+def _measure(args) -> int:
+    from . import remote_tune  # noqa: PLC0415
+
+    out = remote_tune.measure(args.candidates, args.out, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
+                              device_index=args.device_index)
+    failed = sum(1 for r in out["results"].values() if "error" in r)
+    print(f"measured {len(out['results'])} candidates on {out['device']} ({failed} failed): {args.out}")
+    return 0
+
+
+def _tune_feed(args) -> int:
+    from . import remote_tune  # noqa: PLC0415
+
+    print(remote_tune.feed(args.work_dir, args.results))
+    return 0
+
+
+def _tune_export(args) -> int:
+    from . import remote_tune  # noqa: PLC0415
+
+    print(f"records written to {remote_tune.export(args.work_dir, args.output)}")
+    return 0
+
+
+def _add_remote_commands(sub) -> None:
+    cand = sub.add_parser("tune-candidates", help="two-step tuning: build a round of candidates into a folder")
+    cand.add_argument("--work-dir", required=True, help="tuning state (database, cost model, rounds)")
+    cand.add_argument("--out", required=True, help="folder for the candidates (emptied first)")
+    cand.add_argument("--workloads", nargs="+", help="first call only: sets or files (default resnet50-dcn-224)")
+    cand.add_argument("--only", nargs="+", help="first call only: tune only these operators")
+    cand.add_argument("--target", help="first call only: TVM target as JSON (default: this CPU)")
+    cand.add_argument("--trials-per-task", type=int, default=64)
+    cand.add_argument("--trials-per-round", type=int, default=16)
+    cand.add_argument("--population", type=int, default=128)
+    cand.add_argument("--genetic-iters", type=int, default=3)
+    cand.add_argument("--seed", type=int, default=0)
+    cand.set_defaults(func=_tune_candidates)
+    meas = sub.add_parser("measure", help="two-step tuning: time a folder of candidates here (TVM runtime only)")
+    meas.add_argument("candidates", help="folder written by tvm-dcn tune-candidates")
+    meas.add_argument("--out", required=True, help="results JSON to write")
+    meas.add_argument("--repeat", type=int, default=5, help="timed runs per candidate")
+    meas.add_argument("--min-repeat-ms", type=int, default=20, help="each run repeats the kernel this long")
+    meas.add_argument("--device-index", type=int, default=0)
+    meas.set_defaults(func=_measure)
+    feed = sub.add_parser("tune-feed", help="two-step tuning: commit measured results to the work dir")
+    feed.add_argument("--work-dir", required=True)
+    feed.add_argument("results", help="results JSON written by tvm-dcn measure")
+    feed.set_defaults(func=_tune_feed)
+    export = sub.add_parser("tune-export", help="two-step tuning: export the best records")
+    export.add_argument("--work-dir", required=True)
+    export.add_argument("--output", help="default tuning_logs/<target-tag>")
+    export.set_defaults(func=_tune_export)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tvm-dcn", description="tvm-dcn: deformable convolution in Apache TVM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +189,7 @@ def main(argv=None) -> int:
     tune_parser.add_argument("--rpc-key", help="device key of the RPC servers")
     tune_parser.add_argument("--seed", type=int, default=0)
     tune_parser.set_defaults(func=_tune)
+    _add_remote_commands(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
