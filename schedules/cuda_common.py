@@ -85,28 +85,43 @@ def existing_blocks(sch, names) -> list:
     return found
 
 
+def spatial_then_reductions(sch, block) -> tuple[list, list, int]:
+    """(spatial loops, reduction loops, product of the spatial extents) of an unscheduled block,
+    with its loops reordered so that the reductions are innermost."""
+    loops = sch.get_loops(block)
+    kinds = iter_kinds(sch, block)
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+    reductions = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    if reductions and loops[-len(reductions):] != reductions:
+        sch.reorder(*spatial, *reductions)
+    extent = 1
+    for loop in spatial:
+        extent *= int(sch.get(loop).extent)
+    return spatial, reductions, extent
+
+
+def fused(sch, loops):
+    """``loops`` fused into one (the loop itself if there is one)."""
+    return sch.fuse(*loops) if len(loops) > 1 else loops[0]
+
+
 def bind_elementwise(sch, block, *, vector: int = 1, threads: int = ELEMENTWISE_THREADS) -> None:
     """One thread per element of ``block``'s spatial loops (all its loops, or the spatial loops
     outside its reductions, which each thread then runs serially). ``vector`` > 1: each thread
     handles that many consecutive elements of the innermost loop, vectorised (its extent must be
     a multiple of ``vector``), so its loads and stores along that axis are 128-bit."""
-    loops = sch.get_loops(block)
-    kinds = _iter_kinds(sch, block)
-    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
-    if len(spatial) < len(loops) and loops[:len(spatial)] != spatial:
-        raise ValueError(f"bind_elementwise: {sch.get(block).name_hint} has reductions between its spatial loops")
+    spatial, _, _ = spatial_then_reductions(sch, block)
     inner = None
     if vector > 1:
         spatial[-1], inner = sch.split(spatial[-1], [None, vector])
-    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-    bx, tx = sch.split(fused, [None, threads])
+    bx, tx = sch.split(fused(sch, spatial), [None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
     if inner is not None:
         sch.vectorize(inner)
 
 
-def _iter_kinds(sch, block) -> list[str]:
+def iter_kinds(sch, block) -> list[str]:
     """'S' (spatial) or 'R' (reduction) per loop of an unscheduled ``block`` (TE gives each block
     one loop per iterator, in order)."""
     from tvm import tirx  # noqa: PLC0415
@@ -172,12 +187,9 @@ def tiled_gemm(sch, block, tiles: GemmTiles, *, vector_operands: tuple = (), epi
     written from registers by the thread that computed it; ``epilogue``: a consumer block (e.g.
     bias addition) computed there instead, reading the registers, so the GEMM's own buffer
     never reaches global memory. Returns the loop handles (for tests and callers)."""
-    loops = sch.get_loops(block)
-    kinds = _iter_kinds(sch, block)
-    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
-    reductions = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    spatial, reductions, _ = spatial_then_reductions(sch, block)
     batch, row, col = spatial[:-2], spatial[-2], spatial[-1]
-    red = sch.fuse(*reductions) if len(reductions) > 1 else reductions[0]
+    red = fused(sch, reductions)
 
     row_b, row_t, row_i = sch.split(row, [None, tiles.ty, tiles.tm])
     col_b, col_t, col_i = sch.split(col, [None, tiles.tx, tiles.tn])
@@ -186,7 +198,7 @@ def tiled_gemm(sch, block, tiles: GemmTiles, *, vector_operands: tuple = (), epi
     sch.bind(col_b, "blockIdx.x")
     sch.bind(row_b, "blockIdx.y")
     if batch:
-        sch.bind(sch.fuse(*batch) if len(batch) > 1 else batch[0], "blockIdx.z")
+        sch.bind(fused(sch, batch), "blockIdx.z")
     sch.bind(row_t, "threadIdx.y")
     sch.bind(col_t, "threadIdx.x")
 
@@ -219,12 +231,12 @@ def _cooperative_fetch(sch, block, outer, tiles: GemmTiles, vector: int) -> None
     inner = sch.get(tile_loops[-1]).extent
     if vector > 1 and (not hasattr(inner, "value") or inner.value % vector):
         vector = 1
-    fused = sch.fuse(*tile_loops) if len(tile_loops) > 1 else tile_loops[0]
+    copy = fused(sch, tile_loops)
     if vector > 1:
-        _, ty, tx, vec = sch.split(fused, [None, tiles.ty, tiles.tx, vector])
+        _, ty, tx, vec = sch.split(copy, [None, tiles.ty, tiles.tx, vector])
         sch.vectorize(vec)
     else:
-        _, ty, tx = sch.split(fused, [None, tiles.ty, tiles.tx])
+        _, ty, tx = sch.split(copy, [None, tiles.ty, tiles.tx])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
 
@@ -232,12 +244,7 @@ def _cooperative_fetch(sch, block, outer, tiles: GemmTiles, vector: int) -> None
 def bind_reduction(sch, block, *, threads: int = REDUCTION_THREADS) -> None:
     """One thread block per output element of ``block``, its reduction (loops fused) spread over
     ``threads`` threads and combined across them (warp shuffles and shared memory)."""
-    loops = sch.get_loops(block)
-    kinds = _iter_kinds(sch, block)
-    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
-    reductions = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
-    sch.reorder(*spatial, *reductions)
-    sch.bind(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0], "blockIdx.x")
-    red = sch.fuse(*reductions) if len(reductions) > 1 else reductions[0]
-    _, tx = sch.split(red, [None, threads])
+    spatial, reductions, _ = spatial_then_reductions(sch, block)
+    sch.bind(fused(sch, spatial), "blockIdx.x")
+    _, tx = sch.split(fused(sch, reductions), [None, threads])
     sch.bind(tx, "threadIdx.x")

@@ -17,7 +17,7 @@ coalesce better. MetaSchedule tuning can find such layouts; this schedule is the
 """
 from __future__ import annotations
 
-from .cuda_common import _iter_kinds, bind_elementwise, is_self_threaded, split_threads
+from .cuda_common import bind_elementwise, fused, is_self_threaded, iter_kinds, spatial_then_reductions, split_threads
 
 
 def schedule(sch, workload, target) -> None:
@@ -25,7 +25,7 @@ def schedule(sch, workload, target) -> None:
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if is_self_threaded(sch, block):
             continue
-        if "R" in _iter_kinds(sch, block):
+        if "R" in iter_kinds(sch, block):
             _thread_per_output(sch, block)
         else:
             bind_elementwise(sch, block)
@@ -35,15 +35,8 @@ def _thread_per_output(sch, block) -> None:
     """A reduction stage: a thread per output element; its reduction serial, in a register
     (in place when the thread split is not exact, see ``split_threads``, and for stages with two
     outputs, RoI Pool's max and argmax)."""
-    loops = sch.get_loops(block)
-    kinds = _iter_kinds(sch, block)
-    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
-    reductions = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
-    sch.reorder(*spatial, *reductions)
-    extent = 1
-    for loop in spatial:
-        extent *= int(sch.get(loop).extent)
-    _, tx, exact = split_threads(sch, sch.fuse(*spatial) if len(spatial) > 1 else spatial[0], extent)
+    spatial, reductions, extent = spatial_then_reductions(sch, block)
+    _, tx, exact = split_threads(sch, fused(sch, spatial), extent)
     if exact and len(sch.get(block).writes) == 1:
         accumulator = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(accumulator, tx)

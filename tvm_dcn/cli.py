@@ -49,16 +49,24 @@ def _bench(args) -> int:
     return 0
 
 
+def _load_workloads(names, only, command: str) -> list:
+    """The workloads of sets/files ``names``, restricted to the operators ``only`` (if given)."""
+    from . import workloads  # noqa: PLC0415
+
+    wls = []
+    for name in names:
+        wls += workloads.load(name)
+    if only:
+        wls = [wl for wl in wls if wl.op in only]
+        if not wls:
+            raise SystemExit(f"tvm-dcn {command}: no workload of the set has an operator in {only}")
+    return wls
+
+
 def _tune(args) -> int:
     from . import tune, workloads  # noqa: PLC0415
 
-    wls = []
-    for name in args.workloads:
-        wls += workloads.load(name)
-    if args.only:
-        wls = [wl for wl in wls if wl.op in args.only]
-        if not wls:
-            raise SystemExit(f"tvm-dcn tune: no workload of the set has an operator in {args.only}")
+    wls = _load_workloads(args.workloads, args.only, "tune")
     target = json.loads(args.target) if args.target else None
     result = tune.tune(wls, target, trials_per_task=args.trials_per_task, work_dir=args.work_dir,
                        output_dir=args.output, export=not args.no_export, rpc_tracker=args.rpc_tracker,
@@ -82,17 +90,11 @@ def _json_option(text: str, option: str):
 def _tune_candidates(args) -> int:
     from pathlib import Path  # noqa: PLC0415
 
-    from . import remote_tune, workloads  # noqa: PLC0415
+    from . import remote_tune  # noqa: PLC0415
 
     work_dir = Path(args.work_dir)
     if not (work_dir / remote_tune.STATE_FILE).exists():
-        wls = []
-        for name in args.workloads or ["resnet50-dcn-224"]:
-            wls += workloads.load(name)
-        if args.only:
-            wls = [wl for wl in wls if wl.op in args.only]
-            if not wls:
-                raise SystemExit(f"tvm-dcn tune-candidates: no workload of the set has an operator in {args.only}")
+        wls = _load_workloads(args.workloads or ["resnet50-dcn-224"], args.only, "tune-candidates")
         remote_tune.init_work_dir(work_dir, wls, _json_option(args.target, "--target") if args.target else None,
                                   trials_per_task=args.trials_per_task, trials_per_round=args.trials_per_round,
                                   population=args.population, genetic_iters=args.genetic_iters, seed=args.seed)
