@@ -42,7 +42,8 @@ class Kernel:
 
     Call it with the kernel arguments (torch tensors or TVM tensors, in the operator's argument
     order, outputs last); it writes the outputs in place. ``schedule_source`` is ``"tuned"``,
-    ``"hand"`` or ``"default"``.
+    ``"hand"`` or ``"default"``. A CUDA kernel runs on the device of its torch tensors (all on
+    one) and on torch's current stream of that device.
     """
 
     def __init__(self, workload: Workload, target: tvm.target.Target, module, schedule_source: str,
@@ -178,6 +179,12 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
     ``target``: None for the host CPU, or a TVM target / its JSON dict. ``schedule``: force one
     source (``"tuned"``, ``"hand"``, ``"default"``) instead of the best available; forcing a source
     that does not exist for this workload raises ``LookupError``.
+
+    GPU targets (e.g. ``{"kind": "cuda", "arch": "sm_90"}``) build on any machine: the workload
+    gets the target's scatter formulation (``ops.for_target``; the kernel's ``workload`` says so).
+    Where TVM cannot run CUDA (no driver), the kernel keeps its CUDA C (``source("cu")``) and, if
+    nvcc or NVRTC is here, its compiled binary (``cuda_binary``); it is not cached on disk and
+    calling it raises ``RuntimeError``.
     """
     if not isinstance(workload, Workload):
         raise TypeError(f"workload must be a tvm_dcn.Workload, got {type(workload).__name__}")
