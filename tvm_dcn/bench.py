@@ -119,6 +119,7 @@ def _runner(leaves: dict, backward: bool):
 
 
 def _forced(fn, schedule):
+    """``fn`` (forward, or forward and backward) with every kernel it builds from ``schedule``."""
     def call():
         with forced_schedule(schedule):
             return fn()
@@ -134,7 +135,7 @@ def _conv_candidates(wl: Workload, mode: str, schedules) -> dict[str, Callable[[
               for k, v in _inputs(wl, torch.Generator().manual_seed(0)).items()}
     run = _runner(leaves, backward)
     x, off, w, b, m = (leaves[k] for k in ("input", "offset", "weight", "bias", "mask"))
-    out = {f"tvm-dcn {s}": run(_forced(lambda: _functional.deform_conv2d(x, off, w, b, mask=m, **kw), s))
+    out = {f"tvm-dcn {s}": _forced(run(lambda: _functional.deform_conv2d(x, off, w, b, mask=m, **kw)), s)
            for s in schedules}
     out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(x, off, w, b, mask=m, **kw))
     groups = wl["in_channels"] // ConvGeometry(wl).group_in_channels
@@ -152,7 +153,7 @@ def _roi_align_candidates(wl: Workload, mode: str, schedules) -> dict[str, Calla
     leaves = {"input": x.requires_grad_(backward)}
     run = _runner(leaves, backward)
     args = (x, boxes, wl["output_size"], scale, wl["sampling_ratio"], wl["aligned"])
-    out = {f"tvm-dcn {s}": run(_forced(lambda: roi.roi_align(*args), s)) for s in schedules}
+    out = {f"tvm-dcn {s}": _forced(run(lambda: roi.roi_align(*args)), s) for s in schedules}
     out["torchvision"] = run(lambda: torchvision.ops.roi_align(*args))
     return out
 
