@@ -50,7 +50,7 @@ import tvm
 
 from . import ops
 from .kernel import ir_module, runtime_can_run
-from .target import TargetLike, as_target, target_tag
+from .target import TargetLike, as_target, target_config, target_tag
 from .workload import Workload
 from .workloads import unique_with_counts
 
@@ -104,22 +104,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise FileNotFoundError(f"{what}: {path} does not exist") from None
     except ValueError as err:
         raise ValueError(f"{what}: {path} is not valid JSON ({err})") from None
-
-
-def target_config(target) -> dict:
-    """``target`` as a plain JSON-able dict (TVM exports maps and arrays of its own types)."""
-    def plain(value):
-        if hasattr(value, "items"):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)) or type(value).__name__ in ("Array", "List"):
-            return [plain(v) for v in value]
-        if isinstance(value, (bool, int, float)) or value is None:
-            return value
-        if hasattr(value, "value"):  # IntImm, FloatImm
-            return value.value
-        return str(value)
-
-    return plain(as_target(target).export())
 
 
 def _write_json(path: Path, data) -> None:

@@ -114,6 +114,22 @@ def target_tag(target: TargetLike) -> str:
     return kind
 
 
+def target_config(target) -> dict:
+    """``target`` as a plain JSON-able dict (TVM exports maps and arrays of its own types)."""
+    def plain(value):
+        if hasattr(value, "items"):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)) or type(value).__name__ in ("Array", "List"):
+            return [plain(v) for v in value]
+        if isinstance(value, (bool, int, float)) or value is None:
+            return value
+        if hasattr(value, "value"):  # IntImm, FloatImm
+            return value.value
+        return str(value)
+
+    return plain(as_target(target).export())
+
+
 def _config(target: tvm.target.Target) -> dict:
     config = dict(target.export())
     config.pop("tag", None)

@@ -44,7 +44,7 @@ import tvm
 
 from . import __version__
 from .kernel import ir_module
-from .target import TargetLike, as_target, target_tag
+from .target import TargetLike, as_target, target_config, target_tag
 from .tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, records_dir
 from .workload import Workload
 from .workloads import unique_with_counts
@@ -378,7 +378,7 @@ def export_records(tasks: Sequence[TaskResult], target, output_dir: Optional[os.
         for name in (WORKLOAD_FILE, RECORD_FILE):
             os.replace(Path(tmp) / name, output_dir / name)
     manifest = {
-        "target": target.export(), "target_tag": tag, "tvm": tvm.__version__, "tvm_dcn": __version__,
+        "target": target_config(target), "target_tag": tag, "tvm": tvm.__version__, "tvm_dcn": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "workload_sets": sorted(set(old_manifest.get("workload_sets", [])) | set(set_names)) if old_manifest
         else sorted(set_names),
