@@ -106,24 +106,36 @@ def make_runner(rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=max_workers or 1)
 
 
-def _measure(mod: tvm.IRModule, target, builder, runner) -> Optional[list[float]]:
-    """Build and run one scheduled module as MetaSchedule does; run seconds, or None on failure."""
+def _measure_many(mods: Sequence[tvm.IRModule], target, builder, runner) -> list[Optional[list[float]]]:
+    """Build and run scheduled modules as MetaSchedule does: run seconds of each, None where it
+    failed. One builder call for all of them: each call starts fresh worker processes, which pay
+    ~20 s importing MetaSchedule's tensor intrinsics."""
     ms = _ms()
-    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
-    if built.error_msg:
-        logger.warning("tvm_dcn.tune: build failed: %s", built.error_msg.splitlines()[-1])
-        return None
+    built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
+    results: list[Optional[list[float]]] = [None] * len(mods)
+    runnable = []
+    for i, item in enumerate(built):
+        if item.error_msg:
+            logger.warning("tvm_dcn.tune: build failed: %s", item.error_msg.splitlines()[-1])
+        else:
+            runnable.append(i)
+    if not runnable:
+        return results
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
     try:
-        args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-        device = "cpu" if target.kind.name == "llvm" else target.kind.name
-        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
-        result = future.result()
+        futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device,
+                                                    ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"]))
+                              for i in runnable])
+        for i, future in zip(runnable, futures):
+            result = future.result()
+            if result.error_msg:
+                logger.warning("tvm_dcn.tune: run failed: %s", result.error_msg.splitlines()[-1])
+            else:
+                results[i] = [float(sec) for sec in result.run_secs]
     finally:
-        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
-    if result.error_msg:
-        logger.warning("tvm_dcn.tune: run failed: %s", result.error_msg.splitlines()[-1])
-        return None
-    return [float(s) for s in result.run_secs]
+        for i in runnable:
+            shutil.rmtree(os.path.dirname(built[i].artifact_path), ignore_errors=True)
+    return results
 
 
 def design_space(workload: Workload, target):
@@ -170,7 +182,7 @@ def seed_with_hand(db, workload: Workload, target, builder, runner) -> Optional[
         return None
     sch = tvm.s_tir.Schedule(ir_module(workload))
     trace.apply_to_schedule(sch, remove_postproc=False)
-    run_secs = _measure(sch.mod, target, builder, runner)
+    (run_secs,) = _measure_many([sch.mod], target, builder, runner)
     if run_secs is None:
         return None
     mod = ir_module(workload)
@@ -298,6 +310,7 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
             bar.close()
 
     result = TuneResult(tag, work_dir, None)
+    to_verify = []
     for wl, count in pairs:
         records = _records_of(db, wl)
         seed_info = hand_seeds.get(wl.key(), {})
@@ -305,39 +318,48 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
         if records:
             task.record, task.best_seconds = records[0], _mean(records[0])
             task.best_is_hand = str(records[0].trace) == seed_info.get("trace")
-            if verify_top > 0:
-                _verify(task, records[:verify_top], target, builder, runner)
+            to_verify.append((task, records[:verify_top]))
         result.tasks.append(task)
+    if verify_top > 0 and to_verify:
+        _verify(to_verify, target, builder, runner)
     if export:
         result.output_dir = export_records(result.tasks, target, output_dir, set_names=set_names,
                                            trials_per_task=trials_per_task)
     return result
 
 
-def _verify(task: TaskResult, records: list, target, builder, runner) -> None:
-    """Re-measure ``records`` and the hand schedule of ``task``; keep the fastest (in place)."""
+def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -> None:
+    """Re-measure the given records of each task and its hand schedule, all in one measurement;
+    keep each task's fastest (in place)."""
     ms = _ms()
-    hand = hand_trace(task.workload, target)
-    traces = [r.trace for r in records]
-    if hand is not None and all(str(t) != str(hand) for t in traces):
-        traces.append(hand)
-    measured = []
-    for trace in traces:
-        sch = tvm.s_tir.Schedule(ir_module(task.workload))
-        trace.apply_to_schedule(sch, remove_postproc=False)
-        run_secs = _measure(sch.mod, target, builder, runner)
-        if run_secs is not None:
-            measured.append((sum(run_secs) / len(run_secs), trace, run_secs))
-    if not measured:
-        return
-    seconds, trace, run_secs = min(measured, key=lambda m: m[0])
-    mod = ir_module(task.workload)
-    task.record = ms.database.TuningRecord(trace, ms.database.Workload(mod), run_secs, target,
-                                           ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
-    task.best_seconds = seconds
-    if hand is not None:
-        task.hand_seconds = next((m[0] for m in measured if str(m[1]) == str(hand)), task.hand_seconds)
-        task.best_is_hand = str(trace) == str(hand)
+    plans, mods = [], []
+    for task, records in tasks:
+        hand = hand_trace(task.workload, target)
+        traces = [r.trace for r in records]
+        if hand is not None and all(str(t) != str(hand) for t in traces):
+            traces.append(hand)
+        for trace in traces:
+            sch = tvm.s_tir.Schedule(ir_module(task.workload))
+            trace.apply_to_schedule(sch, remove_postproc=False)
+            mods.append(sch.mod)
+        plans.append((task, traces, hand))
+    all_secs = iter(_measure_many(mods, target, builder, runner))
+    for task, traces, hand in plans:
+        measured = []
+        for trace in traces:
+            run_secs = next(all_secs)
+            if run_secs is not None:
+                measured.append((sum(run_secs) / len(run_secs), trace, run_secs))
+        if not measured:
+            continue
+        seconds, trace, run_secs = min(measured, key=lambda m: m[0])
+        mod = ir_module(task.workload)
+        task.record = ms.database.TuningRecord(trace, ms.database.Workload(mod), run_secs, target,
+                                               ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+        task.best_seconds = seconds
+        if hand is not None:
+            task.hand_seconds = next((m[0] for m in measured if str(m[1]) == str(hand)), task.hand_seconds)
+            task.best_is_hand = str(trace) == str(hand)
 
 
 def export_records(tasks: Sequence[TaskResult], target, output_dir: Optional[os.PathLike] = None, *,
