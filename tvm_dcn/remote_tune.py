@@ -51,6 +51,7 @@ import tvm
 from . import ops
 from .kernel import ir_module, runtime_can_run
 from .target import TargetLike, as_target, target_config, target_tag
+from .tune import _ms, _records_of
 from .workload import Workload
 from .workloads import unique_with_counts
 
@@ -79,13 +80,6 @@ class RoundSummary:
         lines = [f"round {self.round}: {sum(self.candidates.values())} candidates in {self.out_dir}"]
         lines += [f"  {n:4d}  {name}" for name, n in self.candidates.items()]
         return "\n".join(lines)
-
-
-def _ms():
-    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415  (slow import)
-
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    return ms
 
 
 @contextlib.contextmanager
@@ -162,8 +156,6 @@ class _Session:
 
     def records(self, wl: Workload) -> list:
         """Measured records of ``wl``, fastest first."""
-        from .tune import _records_of  # noqa: PLC0415
-
         return _records_of(self.db, wl)
 
 
