@@ -51,7 +51,7 @@ import tvm
 from . import ops
 from .kernel import ir_module, runtime_can_run
 from .target import TargetLike, as_target, target_config, target_tag
-from .tune import _ms, _records_of
+from .tune import _import_tensor_intrinsics_for, _ms, _records_of
 from .workload import Workload
 from .workloads import unique_with_counts
 
@@ -121,6 +121,7 @@ class _Session:
         self.target = as_target(self.state["target"])
         self.tasks = [(Workload.from_dict(t["workload"]), int(t["count"])) for t in self.state["tasks"]]
         self.ms = _ms()
+        _import_tensor_intrinsics_for(self.target)
         self.db = self.ms.database.JSONDatabase(work_dir=str(self.work_dir))
 
     def save(self) -> None:

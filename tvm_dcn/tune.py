@@ -29,9 +29,13 @@ Measurements run on this machine, or through a TVM RPC tracker (``rpc_tracker="h
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib
+import importlib.util
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -55,10 +59,60 @@ HAND_SEEDS_FILE = "hand_seeds.json"
 
 
 def _ms():
-    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415  (slow import: ~20 s)
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     return ms
+
+
+_TENSOR_INTRIN = "tvm.s_tir.tensor_intrin"
+# Submodules of tvm.s_tir.tensor_intrin holding each CPU architecture's intrinsics.
+_CPU_INTRIN_MODULES = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm_cpu",
+                       "arm64": "arm_cpu", "riscv64": "riscv_cpu"}
+
+
+def _cpu_arch(target) -> str:
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return (triple.split("-")[0] if triple else platform.machine()).lower()
+
+
+def import_tensor_intrinsics(kind: str, arch: str = "") -> None:
+    """Register the tensor intrinsics a target of ``kind`` (and CPU ``arch``) can tensorize with.
+
+    ``TuneContext`` and MetaSchedule's build function both run ``import tvm.s_tir.tensor_intrin``,
+    which registers every backend's intrinsics: ~26 s on this machine (17 s of it CUDA's), paid by
+    the tuning process and again by every builder worker process. A CPU task can only use its own
+    architecture's intrinsics, so for ``kind == "llvm"`` the package is entered in ``sys.modules``
+    without running its ``__init__`` and only that architecture's submodule is imported (< 1 s);
+    the import statements in MetaSchedule then find the package. Any other kind imports it whole
+    (completing a lean package imported earlier in the process)."""
+    package = sys.modules.get(_TENSOR_INTRIN)
+    lean = package is not None and getattr(package, "_tvm_dcn_lean", False)
+    if package is not None and not lean:
+        return  # the whole package is already imported
+    submodule = _CPU_INTRIN_MODULES.get(arch.lower()) if kind == "llvm" else None
+    if submodule is None:
+        if lean:
+            from tvm.runtime import enabled  # noqa: PLC0415
+
+            for name in ["cuda"] + (["arm_cpu", "x86", "rocm", "hexagon", "riscv_cpu"] if enabled("llvm") else []):
+                importlib.import_module(f"{_TENSOR_INTRIN}.{name}")
+            package._tvm_dcn_lean = False
+        else:
+            importlib.import_module(_TENSOR_INTRIN)
+        return
+    if package is None:
+        import tvm.s_tir  # noqa: PLC0415
+
+        package = importlib.util.module_from_spec(importlib.util.find_spec(_TENSOR_INTRIN))  # not executed
+        package._tvm_dcn_lean = True
+        sys.modules[_TENSOR_INTRIN] = package
+        tvm.s_tir.tensor_intrin = package
+    importlib.import_module(f"{_TENSOR_INTRIN}.{submodule}")
+
+
+def _import_tensor_intrinsics_for(target) -> None:
+    import_tensor_intrinsics(target.kind.name, _cpu_arch(target) if target.kind.name == "llvm" else "")
 
 
 @dataclass
@@ -108,8 +162,7 @@ def make_runner(rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None
 
 def _measure_many(mods: Sequence[tvm.IRModule], target, builder, runner) -> list[Optional[list[float]]]:
     """Build and run scheduled modules as MetaSchedule does: run seconds of each, None where it
-    failed. One builder call for all of them: each call starts fresh worker processes, which pay
-    ~20 s importing MetaSchedule's tensor intrinsics."""
+    failed. One builder call for all of them: each call starts fresh worker processes."""
     ms = _ms()
     built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
     results: list[Optional[list[float]]] = [None] * len(mods)
@@ -156,10 +209,19 @@ def design_space(workload: Workload, target):
         [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(hand_space)])
 
 
-def _warm_builder_worker() -> None:
-    """Runs once in each builder process: MetaSchedule's build function imports the tensor
-    intrinsics (~20 s) on its first call, which would otherwise count against the build timeout."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401,PLC0415
+def _warm_builder_worker(kind: str, arch: str) -> None:
+    """Runs once in each builder process, before any build: MetaSchedule's build function imports
+    the tensor intrinsics on its first call; importing only the target's here keeps that out of the
+    build timeout and cheap."""
+    import_tensor_intrinsics(kind, arch)
+
+
+def make_builder(target, max_workers: int = 1):
+    """MetaSchedule's LocalBuilder whose worker processes import only ``target``'s intrinsics."""
+    ms = _ms()
+    arch = _cpu_arch(target) if target.kind.name == "llvm" else ""
+    return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=120,
+                                   initializer=functools.partial(_warm_builder_worker, target.kind.name, arch))
 
 
 def hand_trace(workload: Workload, target):
@@ -270,8 +332,8 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     work_dir.mkdir(parents=True, exist_ok=True)
     cores = int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1) if target.kind.name == "llvm" else 1
     db = ms.database.JSONDatabase(work_dir=str(work_dir))
-    builder = ms.builder.LocalBuilder(max_workers=max(1, min(cores, os.cpu_count() or 1)), timeout_sec=120,
-                                      initializer=_warm_builder_worker)
+    _import_tensor_intrinsics_for(target)
+    builder = make_builder(target, max_workers=max(1, min(cores, os.cpu_count() or 1)))
     runner = make_runner(rpc_tracker, rpc_key)
 
     seeds_path = work_dir / HAND_SEEDS_FILE
