@@ -157,6 +157,15 @@ def test_tune_exports_pruned_records_and_manifest(tuned):
     assert len((root / "work" / RECORD_FILE).read_text().splitlines()) >= 2  # the work dir keeps all
 
 
+def test_tune_stops_its_worker_processes(tuned):
+    """MetaSchedule's runner keeps worker processes that would outlive the test run."""
+    import psutil  # noqa: PLC0415
+
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "popen_worker" in " ".join(p.cmdline())]
+    assert workers == []
+
+
 def test_tune_resumes_from_its_work_dir(tuned, tmp_path):
     """Re-running with the same budget measures nothing new."""
     root, first = tuned

@@ -191,6 +191,14 @@ def _measure_many(mods: Sequence[tvm.IRModule], target, builder, runner) -> list
     return results
 
 
+def _shut_down(runner) -> None:
+    """Stop the runner's worker processes now: MetaSchedule leaves them to the pool's ``__del__``,
+    which may never run, and they outlive the process."""
+    pool = getattr(runner, "pool", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
 def design_space(workload: Workload, target):
     """MetaSchedule's generic space (post-order-apply of its schedule rules), united with the hand
     schedule's own space (its tile sizes as sampled decisions) where the hand schedule has one:
@@ -335,59 +343,62 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     _import_tensor_intrinsics_for(target)
     builder = make_builder(target, max_workers=max(1, min(cores, os.cpu_count() or 1)))
     runner = make_runner(rpc_tracker, rpc_key)
+    try:
 
-    seeds_path = work_dir / HAND_SEEDS_FILE
-    hand_seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else {}
-    for wl, _ in pairs:
-        if wl.key() not in hand_seeds and not _records_of(db, wl):
-            seconds = seed_with_hand(db, wl, target, builder, runner)
-            trace = hand_trace(wl, target)
-            hand_seeds[wl.key()] = {"seconds": seconds, "trace": str(trace) if trace is not None else None}
-            seeds_path.write_text(json.dumps(hand_seeds, indent=1, sort_keys=True) + "\n")
+        seeds_path = work_dir / HAND_SEEDS_FILE
+        hand_seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else {}
+        for wl, _ in pairs:
+            if wl.key() not in hand_seeds and not _records_of(db, wl):
+                seconds = seed_with_hand(db, wl, target, builder, runner)
+                trace = hand_trace(wl, target)
+                hand_seeds[wl.key()] = {"seconds": seconds, "trace": str(trace) if trace is not None else None}
+                seeds_path.write_text(json.dumps(hand_seeds, indent=1, sort_keys=True) + "\n")
 
-    done = {wl: len(_records_of(db, wl)) for wl, _ in pairs}
-    remaining = [(wl, count, trials_per_task - done[wl]) for wl, count in pairs if done[wl] < trials_per_task]
-    if remaining:
-        total = sum(r for _, _, r in remaining)
-        bar = _Progress(total=total, done=0, enabled=progress)
-        names = [f"{i:02d}_{wl.op}" for i, (wl, _, _) in enumerate(remaining)]
-        loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), names)
-        def strategy():
-            return ms.search_strategy.EvolutionarySearch(
-                population_size=population, init_min_unmeasured=min(50, population),
-                genetic_num_iters=genetic_iters)
+        done = {wl: len(_records_of(db, wl)) for wl, _ in pairs}
+        remaining = [(wl, count, trials_per_task - done[wl]) for wl, count in pairs if done[wl] < trials_per_task]
+        if remaining:
+            total = sum(r for _, _, r in remaining)
+            bar = _Progress(total=total, done=0, enabled=progress)
+            names = [f"{i:02d}_{wl.op}" for i, (wl, _, _) in enumerate(remaining)]
+            loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), names)
+            def strategy():
+                return ms.search_strategy.EvolutionarySearch(
+                    population_size=population, init_min_unmeasured=min(50, population),
+                    genetic_num_iters=genetic_iters)
 
-        tasks = [ms.TuneContext(mod=ir_module(wl), target=target, space_generator=design_space(wl, target),
-                                search_strategy=strategy(), task_name=name, logger=log,
-                                rand_state=seed + i, num_threads=cores).clone()
-                 for i, ((wl, _, _), name, log) in enumerate(zip(remaining, names, loggers))]
-        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
-        try:
-            ms.tune_tasks(tasks=tasks, task_weights=[float(c) for _, c, _ in remaining], work_dir=str(work_dir),
-                          max_trials_global=total, max_trials_per_task=max(r for _, _, r in remaining),
-                          num_trials_per_iter=min(num_trials_per_iter, max(r for _, _, r in remaining)),
-                          builder=builder, runner=runner, database=db, cost_model="xgb",
-                          measure_callbacks=callbacks, task_scheduler="gradient")
-        finally:
-            bar.close()
+            tasks = [ms.TuneContext(mod=ir_module(wl), target=target, space_generator=design_space(wl, target),
+                                    search_strategy=strategy(), task_name=name, logger=log,
+                                    rand_state=seed + i, num_threads=cores).clone()
+                     for i, ((wl, _, _), name, log) in enumerate(zip(remaining, names, loggers))]
+            callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
+            try:
+                ms.tune_tasks(tasks=tasks, task_weights=[float(c) for _, c, _ in remaining], work_dir=str(work_dir),
+                              max_trials_global=total, max_trials_per_task=max(r for _, _, r in remaining),
+                              num_trials_per_iter=min(num_trials_per_iter, max(r for _, _, r in remaining)),
+                              builder=builder, runner=runner, database=db, cost_model="xgb",
+                              measure_callbacks=callbacks, task_scheduler="gradient")
+            finally:
+                bar.close()
 
-    result = TuneResult(tag, work_dir, None)
-    to_verify = []
-    for wl, count in pairs:
-        records = _records_of(db, wl)
-        seed_info = hand_seeds.get(wl.key(), {})
-        task = TaskResult(wl, count, len(records), None, seed_info.get("seconds"), False)
-        if records:
-            task.record, task.best_seconds = records[0], _mean(records[0])
-            task.best_is_hand = str(records[0].trace) == seed_info.get("trace")
-            to_verify.append((task, records[:verify_top]))
-        result.tasks.append(task)
-    if verify_top > 0 and to_verify:
-        _verify(to_verify, target, builder, runner)
-    if export:
-        result.output_dir = export_records(result.tasks, target, output_dir, set_names=set_names,
-                                           trials_per_task=trials_per_task)
-    return result
+        result = TuneResult(tag, work_dir, None)
+        to_verify = []
+        for wl, count in pairs:
+            records = _records_of(db, wl)
+            seed_info = hand_seeds.get(wl.key(), {})
+            task = TaskResult(wl, count, len(records), None, seed_info.get("seconds"), False)
+            if records:
+                task.record, task.best_seconds = records[0], _mean(records[0])
+                task.best_is_hand = str(records[0].trace) == seed_info.get("trace")
+                to_verify.append((task, records[:verify_top]))
+            result.tasks.append(task)
+        if verify_top > 0 and to_verify:
+            _verify(to_verify, target, builder, runner)
+        if export:
+            result.output_dir = export_records(result.tasks, target, output_dir, set_names=set_names,
+                                               trials_per_task=trials_per_task)
+        return result
+    finally:
+        _shut_down(runner)
 
 
 def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -> None:
