@@ -131,9 +131,8 @@ def target_config(target) -> dict:
 
 
 def _config(target: tvm.target.Target) -> dict:
-    config = dict(target.export())
-    config.pop("tag", None)
-    return config
+    """``target_config`` without the tag the target was made from (to compare configurations)."""
+    return {key: value for key, value in target_config(target).items() if key != "tag"}
 
 
 def model_slug(name: str) -> str:

@@ -244,21 +244,22 @@ def hand_trace(workload: Workload, target):
     return sch.trace
 
 
-def seed_with_hand(db, workload: Workload, target, builder, runner) -> Optional[float]:
-    """Measure the hand schedule of ``workload`` and commit it to ``db``; its mean seconds."""
+def seed_with_hand(db, workload: Workload, target, builder, runner) -> tuple[Optional[float], object]:
+    """Measure the hand schedule of ``workload`` and commit it to ``db``: (its mean seconds, None
+    if it failed; its trace, None if the operator has no hand schedule)."""
     ms = _ms()
     trace = hand_trace(workload, target)
     if trace is None:
-        return None
+        return None, None
     sch = tvm.s_tir.Schedule(ir_module(workload))
     trace.apply_to_schedule(sch, remove_postproc=False)
     (run_secs,) = _measure_many([sch.mod], target, builder, runner)
     if run_secs is None:
-        return None
+        return None, trace
     mod = ir_module(workload)
     db.commit_tuning_record(ms.database.TuningRecord(
         trace, db.commit_workload(mod), run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
-    return sum(run_secs) / len(run_secs)
+    return sum(run_secs) / len(run_secs), trace
 
 
 def _records_of(db, workload: Workload) -> list:
@@ -349,8 +350,7 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
         hand_seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else {}
         for wl, _ in pairs:
             if wl.key() not in hand_seeds and not _records_of(db, wl):
-                seconds = seed_with_hand(db, wl, target, builder, runner)
-                trace = hand_trace(wl, target)
+                seconds, trace = seed_with_hand(db, wl, target, builder, runner)
                 hand_seeds[wl.key()] = {"seconds": seconds, "trace": str(trace) if trace is not None else None}
                 seeds_path.write_text(json.dumps(hand_seeds, indent=1, sort_keys=True) + "\n")
 
