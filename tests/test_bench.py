@@ -80,3 +80,41 @@ def test_each_column_uses_its_schedule_for_backward_too(workload_file, compile_l
             ops_by_source[source], source
     # Kernels built outside a forced column would show up as "best available" (None).
     assert None not in ops_by_source
+
+
+def test_forward_breakdown_parts_compute_the_forward(capsys, monkeypatch, workload_file):
+    """examples/forward_breakdown.py times sampling and GEMM as separate kernels: composed, they
+    give torchvision's forward; and the script runs on a workload file."""
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    import torchvision  # noqa: PLC0415
+    import tvm  # noqa: PLC0415
+
+    path = Path(__file__).parents[1] / "examples" / "forward_breakdown.py"
+    spec = importlib.util.spec_from_file_location("forward_breakdown", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    target = tvm_dcn.target.as_target(None)
+    geo = tvm_dcn.ops.deform_conv.ConvGeometry(CONV)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 6, 5, generator=g)
+    offset = torch.randn(1, 18, 6, 5, generator=g) * 2
+    mask = torch.rand(1, 9, 6, 5, generator=g)
+    weight = torch.randn(4, 4, 3, 3, generator=g)
+    sampling, _ = example.sampling_kernel(CONV, target)
+    gemm, _ = example.gemm_kernel(CONV, target)
+    columns = tvm.runtime.tensor(np.zeros((1, geo.reduction, geo.padded_pixels), "float32"), tvm.cpu())
+    out = tvm.runtime.tensor(np.zeros((1, 4, geo.padded_pixels), "float32"), tvm.cpu())
+    sampling.mod["main"](*(tvm.runtime.tensor(t.reshape(1, t.shape[1], -1).numpy(), tvm.cpu())
+                           for t in (x, offset, mask)), columns)
+    gemm.mod["main"](tvm.runtime.tensor(weight.reshape(4, -1).numpy(), tvm.cpu()), columns, out)
+    expected = torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    torch.testing.assert_close(torch.from_numpy(out.numpy()[:, :, :geo.pixels]), expected.reshape(1, 4, -1))
+
+    monkeypatch.setattr(sys, "argv", ["forward_breakdown.py", "--workloads", str(workload_file)])
+    example.main()
+    assert "dcnv2 b1 4x6x5->4 k3x3 s1" in capsys.readouterr().out

@@ -1,0 +1,104 @@
+"""Where the time of the forward deformable convolution goes, per layer of a workload set.
+
+The forward kernel is sampling (coordinates, bilinear corners, deformable im2col) followed by a
+GEMM. This builds the two parts as separate kernels with the CPU hand schedule's own pieces and
+times them on random data (offsets ~ N(0, 2), as ``tvm-dcn bench``), next to ``torch.mm`` (MKL /
+oneDNN sgemm) of the same GEMM shape and a large square sgemm, the practical FLOP ceiling here.
+A layer can run no faster than its GEMM, so this bounds what any forward schedule can reach.
+
+    python examples/forward_breakdown.py [--workloads resnet50-dcn-224]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import tvm_dcn  # before torch: thread-pool policies (README, "Threads")
+import numpy as np
+import torch
+import tvm
+from tvm import te
+
+from tvm_dcn import schedules, workloads
+from tvm_dcn.bench import layer_name
+from tvm_dcn.ops.deform_conv import FORWARD, ConvGeometry, Placeholders, deformable_columns, sampling_stages
+from tvm_dcn.target import as_target
+from tvm_dcn.schedules import cpu_common, cpu_deform_conv2d
+
+
+def sampling_kernel(wl, target):
+    """input, offset[, mask] -> deformable columns, hand-scheduled as in the forward kernel."""
+    geo = ConvGeometry(wl)
+    t = Placeholders(geo, False)
+    columns = deformable_columns(geo, t.data, *sampling_stages(geo, t.offset, t.mask))
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(t.sampling_args() + [columns])}))
+    cpu_deform_conv2d._columns(sch, cpu_deform_conv2d._geometry(wl, target)[1])
+    return tvm.compile(sch.mod, target=target), t.sampling_args() + [columns]
+
+
+def gemm_kernel(wl, target):
+    """weight x columns, hand-scheduled as in the forward kernel (groups = 1)."""
+    geo = ConvGeometry(wl)
+    weight = te.placeholder((geo.out_channels, geo.reduction), geo.dtype, name="weight")
+    columns = te.placeholder((geo.batch, geo.reduction, geo.padded_pixels), geo.dtype, name="columns")
+    r = te.reduce_axis((0, geo.reduction), name="r")
+    gemm = te.compute((geo.batch, geo.out_channels, geo.padded_pixels),
+                      lambda n, co, p: te.sum(weight[co, r] * columns[n, r, p], axis=r), name="gemm")
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([weight, columns, gemm])}))
+    lanes = cpu_deform_conv2d._geometry(wl, target)[1]
+    cpu_common.blocked_gemm(sch, "gemm", group_rows=geo.out_channels, batch_rows=geo.batch * geo.out_channels,
+                            pixel_vectors=geo.padded_pixels // lanes, lanes=lanes,
+                            cores=cpu_common.core_count(target))
+    return tvm.compile(sch.mod, target=target), [weight, columns, gemm]
+
+
+def tvm_ms(lib, tensors, rng) -> float:
+    def data(t):
+        shape = [int(x) for x in t.shape]
+        if t.name == "offset":
+            return rng.standard_normal(shape) * 2
+        return rng.uniform(0, 1, shape) if t.name == "mask" else rng.standard_normal(shape)
+    args = [tvm.runtime.tensor(data(t).astype(str(t.dtype)), tvm.cpu()) for t in tensors]
+    return lib.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*args).median * 1e3
+
+
+def torch_ms(fn, repeats: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="resnet50-dcn-224")
+    args = parser.parse_args()
+    target = as_target(None)
+    if schedules.find(FORWARD, "llvm") is None:
+        raise SystemExit("no CPU hand schedule found")
+    rng = np.random.default_rng(0)
+    big = torch.randn(1024, 1024)
+    peak = 2 * 1024 ** 3 / torch_ms(lambda: torch.mm(big, big), 10) / 1e6
+    print(f"torch.mm 1024^3: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    print(f"{'layer':<36} {'sampling ms':>11} {'gemm ms':>8} {'torch.mm ms':>11} {'gemm GFLOP/s':>12}")
+    for wl, _ in workloads.unique_with_counts(workloads.load(args.workloads)):
+        if wl.op != FORWARD:
+            continue
+        geo = ConvGeometry(wl)
+        if geo.groups != 1:
+            continue
+        sampling = tvm_ms(*sampling_kernel(wl, target), rng)
+        gemm = tvm_ms(*gemm_kernel(wl, target), rng)
+        a, b = torch.randn(geo.out_channels, geo.reduction), torch.randn(geo.reduction, geo.pixels)
+        mm = torch_ms(lambda: torch.mm(a, b))
+        flops = 2 * geo.out_channels * geo.reduction * geo.pixels * geo.batch
+        print(f"{layer_name(wl):<36} {sampling:>11.3f} {gemm:>8.3f} {mm:>11.3f} {flops / gemm / 1e6:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()
