@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import tvm
 
 import tvm_dcn
-from tvm_dcn import tune, workloads
+from tvm_dcn import schedule_checks, tune, workloads
 from tvm_dcn.ops.deform_conv import (BACKWARD_DATA, BACKWARD_WEIGHT, FORWARD, backward_data_workload,
                                      forward_workload)
 from tvm_dcn.tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, records_root
@@ -254,6 +255,25 @@ def test_rpc_arguments_are_checked():
         tune.make_runner("127.0.0.1:9190", None)
 
 
+def test_candidates_computing_an_extern_input_late_are_rejected():
+    """The input-gradient scatter is an extern block with no declared accesses, so TVM lets a
+    schedule compute its ``corner_index`` input after it (MetaSchedule's compute_at into the later
+    corner_sum loops did, and those candidates crashed). The check finds that order; the tuner's
+    postprocessor rejects such candidates; hand schedules pass."""
+    wl = backward_data_workload(TINY, need_input=True, need_sampling=True)
+    target = tvm_dcn.target.as_target(None)
+    sch = tvm.s_tir.Schedule(tvm_dcn.kernel.ir_module(wl))
+    assert schedule_checks.has_extern_stage(sch.mod)
+    assert schedule_checks.extern_input_computed_late(sch.mod) is None
+    corner_sum_loops = sch.get_loops(sch.get_sblock("corner_sum"))
+    sch.compute_at(sch.get_sblock("corner_index"), corner_sum_loops[4])
+    assert schedule_checks.extern_input_computed_late(sch.mod) == ("grad_input", "corner_index", "corner_index")
+    assert not tune._extern_order_check().apply(sch)
+    _, hand = tvm_dcn.kernel.scheduled_module(wl, target, schedule="hand")
+    assert schedule_checks.extern_input_computed_late(hand) is None
+    assert not schedule_checks.has_extern_stage(tvm_dcn.kernel.ir_module(TINY))
+
+
 _INTRINSICS_CHECK = """
 import sys, tvm
 from tvm.s_tir import TensorIntrin
@@ -299,6 +319,8 @@ def test_committed_records_build_reproducibly(tag, target, workload, private_cac
     machine of the record's tag, the tuned, hand and default kernels compute the same numbers."""
     first = tvm_dcn.compile(workload, target, schedule="tuned", use_disk_cache=False)
     assert first.schedule_source == "tuned" and first.target_tag == tag
+    _, scheduled = tvm_dcn.kernel.scheduled_module(workload, target, schedule="tuned")
+    assert schedule_checks.extern_input_computed_late(scheduled) is None
     tvm_dcn.clear_memory_cache()
     second = tvm_dcn.compile(workload, target, schedule="tuned", use_disk_cache=False)
     assert first.source("asm") == second.source("asm")

@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 
 import tvm
 
-from . import __version__
+from . import __version__, schedule_checks
 from .kernel import ir_module
 from .target import TargetLike, as_target, target_config, target_tag
 from .tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, records_dir
@@ -207,14 +207,38 @@ def design_space(workload: Workload, target):
     from .schedules import find_template  # noqa: PLC0415
 
     template = find_template(workload.op, target.kind.name)
+    postprocs = "from-target"
+    if schedule_checks.has_extern_stage(ir_module(workload)):
+        kind = "llvm" if target.kind.name == "llvm" else "cuda"
+        postprocs = list(ms.postproc.Postproc.create(kind)) + [_extern_order_check()]
     if template is None:
-        return "post-order-apply"
+        return ms.space_generator.PostOrderApply(postprocs=postprocs)
 
     def hand_space(sch) -> None:
         template(sch, workload, target)
 
     return ms.space_generator.SpaceGeneratorUnion(
-        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(hand_space)])
+        [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(hand_space)], postprocs=postprocs)
+
+
+def _extern_order_check():
+    """A MetaSchedule postprocessor rejecting candidates that compute an extern stage's input after
+    the extern (``schedule_checks``): they read unwritten memory, and crash or scatter garbage."""
+    ms = _ms()
+    from tvm.ir.utils import derived_object  # noqa: PLC0415
+
+    @derived_object
+    class ExternOrderCheck(ms.postproc.PyPostproc):
+        def _initialize_with_tune_context(self, context) -> None:
+            pass
+
+        def apply(self, sch) -> bool:
+            return schedule_checks.extern_input_computed_late(sch.mod) is None
+
+        def clone(self):
+            return _extern_order_check()
+
+    return ExternOrderCheck()
 
 
 def _warm_builder_worker(kind: str, arch: str) -> None:
