@@ -177,6 +177,18 @@ def test_tune_resumes_from_its_work_dir(tuned, tmp_path):
     assert again.tasks[0].trials == first.tasks[0].trials
 
 
+def test_export_without_search_uses_the_work_dir_as_it_is(tuned, tmp_path):
+    """--no-search: a larger budget searches nothing; the records are verified and exported."""
+    root, first = tuned
+    records_before = (root / "work" / RECORD_FILE).read_text()
+    again = tune.tune([TINY], work_dir=root / "work", output_dir=tmp_path / "out",
+                      **{**SEARCH, "trials_per_task": 50}, search=False)
+    assert (root / "work" / RECORD_FILE).read_text() == records_before
+    assert again.tasks[0].trials == first.tasks[0].trials and again.tasks[0].best_seconds > 0
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert manifest["trials_per_task"] is None and manifest["records"][0]["trials"] == first.tasks[0].trials
+
+
 def test_exported_record_is_applied_and_agrees(tuned, tmp_path, monkeypatch, private_cache):
     root, _ = tuned
     monkeypatch.setenv("TVM_DCN_TUNING_LOGS", str(tmp_path))

@@ -72,7 +72,7 @@ def _tune(args) -> int:
                        output_dir=args.output, export=not args.no_export, rpc_tracker=args.rpc_tracker,
                        rpc_key=args.rpc_key, num_trials_per_iter=args.trials_per_round,
                        population=args.population, genetic_iters=args.genetic_iters,
-                       verify_top=args.verify_top, seed=args.seed,
+                       verify_top=args.verify_top, seed=args.seed, search=not args.no_search,
                        set_names=[n for n in args.workloads if n in workloads.SETS])
     print(tune.format_results(result))
     if result.output_dir:
@@ -187,6 +187,8 @@ def main(argv=None) -> int:
                                                 "re-running resumes from it")
     tune_parser.add_argument("--output", help="where to export the best records (default tuning_logs/<tag>)")
     tune_parser.add_argument("--no-export", action="store_true", help="only tune; do not touch tuning_logs")
+    tune_parser.add_argument("--no-search", action="store_true",
+                             help="do not search: verify and export the records the work dir already holds")
     tune_parser.add_argument("--rpc-tracker", help="measure on RPC servers registered at this tracker, HOST:PORT")
     tune_parser.add_argument("--rpc-key", help="device key of the RPC servers")
     tune_parser.add_argument("--seed", type=int, default=0)

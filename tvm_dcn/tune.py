@@ -341,7 +341,7 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
          work_dir: Optional[os.PathLike] = None, output_dir: Optional[os.PathLike] = None, export: bool = True,
          rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None, num_trials_per_iter: int = 32,
          population: int = 128, genetic_iters: int = 3, verify_top: int = 4, seed: int = 0,
-         progress: bool = True, set_names: Sequence[str] = ()) -> TuneResult:
+         progress: bool = True, set_names: Sequence[str] = (), search: bool = True) -> TuneResult:
     """Tune ``workloads`` (repeats weight a workload) for ``target`` (None: this CPU); see the
     module docstring. Returns per-task results; writes records to ``output_dir`` if ``export``.
 
@@ -352,6 +352,10 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     ``verify_top``: the best records of each task and its hand schedule are measured again, one
     after another, and the fastest of that second measurement is exported, so that a candidate
     that got lucky once (a measurement during a noisy moment) does not displace a better one.
+
+    ``search=False``: no seeding and no search; verify and export the records the work dir holds
+    (e.g. after stopping a long run). ``trials_per_task`` is then ignored (the manifest's budget is
+    null; each record's ``trials`` says how many candidates its workload had).
     """
     ms = _ms()
     if trials_per_task < 1:
@@ -372,14 +376,15 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
 
         seeds_path = work_dir / HAND_SEEDS_FILE
         hand_seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else {}
-        for wl, _ in pairs:
+        for wl, _ in pairs if search else ():
             if wl.key() not in hand_seeds and not _records_of(db, wl):
                 seconds, trace = seed_with_hand(db, wl, target, builder, runner)
                 hand_seeds[wl.key()] = {"seconds": seconds, "trace": str(trace) if trace is not None else None}
                 seeds_path.write_text(json.dumps(hand_seeds, indent=1, sort_keys=True) + "\n")
 
         done = {wl: len(_records_of(db, wl)) for wl, _ in pairs}
-        remaining = [(wl, count, trials_per_task - done[wl]) for wl, count in pairs if done[wl] < trials_per_task]
+        remaining = [(wl, count, trials_per_task - done[wl]) for wl, count in pairs
+                     if search and done[wl] < trials_per_task]
         if remaining:
             total = sum(r for _, _, r in remaining)
             bar = _Progress(total=total, done=0, enabled=progress)
@@ -419,7 +424,7 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
             _verify(to_verify, target, builder, runner)
         if export:
             result.output_dir = export_records(result.tasks, target, output_dir, set_names=set_names,
-                                               trials_per_task=trials_per_task)
+                                               trials_per_task=trials_per_task if search else None)
         return result
     finally:
         _shut_down(runner)
