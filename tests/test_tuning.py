@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -224,9 +225,11 @@ def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
 
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Each in its own process group: a server runs its sessions in child processes, which a
+    # terminate() of the server alone would leave running.
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                                str(port), "--port-end", str(port + 1)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
+                              stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         deadline = time.time() + 180  # generous: starting tvm in 3 processes on a loaded 2-core machine
         while True:  # wait for the port: connect_tracker itself retries only every 5 s
@@ -243,7 +246,8 @@ def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key",
                  "tvm-dcn-test", "--host", "127.0.0.1", "--port", str(server_port), "--port-end",
-                 str(server_port + 1)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                 str(server_port + 1)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
         while "tvm-dcn-test" not in tracker.text_summary() or tracker.text_summary().count("127.0.0.1") < 2:
             if time.time() > deadline:
                 pytest.fail(f"RPC servers did not register: {tracker.text_summary()}")
@@ -255,9 +259,28 @@ def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
         assert task.trials >= 2 and task.best_seconds > 0 and task.hand_seconds > 0
     finally:
         for p in procs:
-            p.terminate()
+            os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             p.wait(timeout=30)
+        deadline = time.time() + 30
+        while _processes_in_groups(p.pid for p in procs) and time.time() < deadline:
+            time.sleep(0.5)
+    assert not _processes_in_groups(p.pid for p in procs)
+
+
+def _processes_in_groups(groups) -> list:
+    """Live processes of the given process groups (their members outlive a killed leader)."""
+    import psutil  # noqa: PLC0415
+
+    groups = set(groups)
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) in groups and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return alive
 
 
 def test_rpc_arguments_are_checked():
