@@ -34,10 +34,15 @@ def _blocks_in_order(sch) -> tuple[list, dict]:
     return order, buffers
 
 
+def _is_extern(block) -> bool:
+    """An extern stage's block: it declares no reads and no writes."""
+    return not len(block.reads) and not len(block.writes)
+
+
 def has_extern_stage(mod: tvm.IRModule) -> bool:
     """Whether ``mod`` has a block that declares no accesses (an extern stage)."""
     order, _ = _blocks_in_order(tvm.s_tir.Schedule(mod))
-    return any(not len(block.reads) and not len(block.writes) for block, _ in order)
+    return any(_is_extern(block) for block, _ in order)
 
 
 def extern_input_computed_late(mod: tvm.IRModule) -> Optional[tuple[str, str, str]]:
@@ -45,7 +50,7 @@ def extern_input_computed_late(mod: tvm.IRModule) -> Optional[tuple[str, str, st
     buffer that a block after it in program order writes; None if the order is sound."""
     order, buffers = _blocks_in_order(tvm.s_tir.Schedule(mod))
     for i, (extern, _) in enumerate(order):
-        if len(extern.reads) or len(extern.writes):
+        if not _is_extern(extern):
             continue
         reads, writes = get_sblock_read_write_region(extern, buffers)
         inputs = {r.source.name for r in reads} - {w.source.name for w in writes}

@@ -71,9 +71,12 @@ _CPU_INTRIN_MODULES = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "
                        "arm64": "arm_cpu", "riscv64": "riscv_cpu"}
 
 
-def _cpu_arch(target) -> str:
+def _intrinsics_key(target) -> tuple[str, str]:
+    """(kind, CPU architecture) of ``target``: the arguments of ``import_tensor_intrinsics``."""
+    if target.kind.name != "llvm":
+        return target.kind.name, ""
     triple = str(target.attrs.get("mtriple", "") or "")
-    return (triple.split("-")[0] if triple else platform.machine()).lower()
+    return "llvm", (triple.split("-")[0] if triple else platform.machine()).lower()
 
 
 def import_tensor_intrinsics(kind: str, arch: str = "") -> None:
@@ -112,7 +115,7 @@ def import_tensor_intrinsics(kind: str, arch: str = "") -> None:
 
 
 def _import_tensor_intrinsics_for(target) -> None:
-    import_tensor_intrinsics(target.kind.name, _cpu_arch(target) if target.kind.name == "llvm" else "")
+    import_tensor_intrinsics(*_intrinsics_key(target))
 
 
 @dataclass
@@ -251,9 +254,8 @@ def _warm_builder_worker(kind: str, arch: str) -> None:
 def make_builder(target, max_workers: int = 1):
     """MetaSchedule's LocalBuilder whose worker processes import only ``target``'s intrinsics."""
     ms = _ms()
-    arch = _cpu_arch(target) if target.kind.name == "llvm" else ""
     return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=120,
-                                   initializer=functools.partial(_warm_builder_worker, target.kind.name, arch))
+                                   initializer=functools.partial(_warm_builder_worker, *_intrinsics_key(target)))
 
 
 def hand_trace(workload: Workload, target):
@@ -373,7 +375,6 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     builder = make_builder(target, max_workers=max(1, min(cores, os.cpu_count() or 1)))
     runner = make_runner(rpc_tracker, rpc_key)
     try:
-
         seeds_path = work_dir / HAND_SEEDS_FILE
         hand_seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else {}
         for wl, _ in pairs if search else ():
@@ -386,28 +387,9 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
         remaining = [(wl, count, trials_per_task - done[wl]) for wl, count in pairs
                      if search and done[wl] < trials_per_task]
         if remaining:
-            total = sum(r for _, _, r in remaining)
-            bar = _Progress(total=total, done=0, enabled=progress)
-            names = [f"{i:02d}_{wl.op}" for i, (wl, _, _) in enumerate(remaining)]
-            loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), names)
-            def strategy():
-                return ms.search_strategy.EvolutionarySearch(
-                    population_size=population, init_min_unmeasured=min(50, population),
-                    genetic_num_iters=genetic_iters)
-
-            tasks = [ms.TuneContext(mod=ir_module(wl), target=target, space_generator=design_space(wl, target),
-                                    search_strategy=strategy(), task_name=name, logger=log,
-                                    rand_state=seed + i, num_threads=cores).clone()
-                     for i, ((wl, _, _), name, log) in enumerate(zip(remaining, names, loggers))]
-            callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
-            try:
-                ms.tune_tasks(tasks=tasks, task_weights=[float(c) for _, c, _ in remaining], work_dir=str(work_dir),
-                              max_trials_global=total, max_trials_per_task=max(r for _, _, r in remaining),
-                              num_trials_per_iter=min(num_trials_per_iter, max(r for _, _, r in remaining)),
-                              builder=builder, runner=runner, database=db, cost_model="xgb",
-                              measure_callbacks=callbacks, task_scheduler="gradient")
-            finally:
-                bar.close()
+            _search(remaining, target, work_dir, db, builder, runner, cores=cores, population=population,
+                    genetic_iters=genetic_iters, num_trials_per_iter=num_trials_per_iter, seed=seed,
+                    progress=progress)
 
         result = TuneResult(tag, work_dir, None)
         to_verify = []
@@ -428,6 +410,35 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
         return result
     finally:
         _shut_down(runner)
+
+
+def _search(remaining: Sequence[tuple[Workload, int, int]], target, work_dir: Path, db, builder, runner, *,
+            cores: int, population: int, genetic_iters: int, num_trials_per_iter: int, seed: int,
+            progress: bool) -> None:
+    """MetaSchedule's search over the (workload, count, trials still to measure) tasks."""
+    ms = _ms()
+    total = sum(r for _, _, r in remaining)
+    most = max(r for _, _, r in remaining)
+    bar = _Progress(total=total, done=0, enabled=progress)
+    names = [f"{i:02d}_{wl.op}" for i, (wl, _, _) in enumerate(remaining)]
+    loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), names)
+
+    def strategy():
+        return ms.search_strategy.EvolutionarySearch(
+            population_size=population, init_min_unmeasured=min(50, population), genetic_num_iters=genetic_iters)
+
+    tasks = [ms.TuneContext(mod=ir_module(wl), target=target, space_generator=design_space(wl, target),
+                            search_strategy=strategy(), task_name=name, logger=log,
+                            rand_state=seed + i, num_threads=cores).clone()
+             for i, ((wl, _, _), name, log) in enumerate(zip(remaining, names, loggers))]
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(bar)]
+    try:
+        ms.tune_tasks(tasks=tasks, task_weights=[float(c) for _, c, _ in remaining], work_dir=str(work_dir),
+                      max_trials_global=total, max_trials_per_task=most,
+                      num_trials_per_iter=min(num_trials_per_iter, most), builder=builder, runner=runner,
+                      database=db, cost_model="xgb", measure_callbacks=callbacks, task_scheduler="gradient")
+    finally:
+        bar.close()
 
 
 def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -> None:
