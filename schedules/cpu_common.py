@@ -49,27 +49,36 @@ def core_count(target) -> int:
     return int(target.attrs.get("num-cores", 1) or 1)
 
 
+def vector_registers(target) -> int:
+    """Architectural vector registers: 32 with AVX-512, 16 with AVX2 (and other CPUs assumed so)."""
+    return 32 if _has_avx512(target) else 16
+
+
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
-                 cores: int, sampled: bool = False) -> None:
+                 cores: int, sampled: bool = False, registers: int = 16) -> None:
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
-    Each (rows x lanes) output tile stays in vector registers across the whole reduction, fed by
-    one broadcast per row and one vector load per reduction step; tiles are grouped into blocks of
-    rows x pixels distributed over cores. Tiles never straddle a group of ``group_rows`` rows (a
+    Each (rows x vectors*lanes) output tile stays in vector registers across the whole reduction,
+    fed per reduction step by one broadcast per row and ``vectors`` vector loads; tiles are grouped
+    into blocks of rows x pixels distributed over cores. Half the ``registers`` hold accumulators:
+    two pixel vectors per tile where the pixels allow (4 x 2 with AVX2's 16 registers: 6 loads per
+    8 FMAs, where 8 x 1 needs 9), else one. Tiles never straddle a group of ``group_rows`` rows (a
     convolution group reads another slice of its operands). ``batch_rows``: batch x rows, the
     number of rows over all parallel tasks.
 
     ``sampled``: the tile sizes become MetaSchedule decisions (``sample_perfect_tile``), making
     this a design space for the tuner; the fixed choices above are one point of it.
     """
-    rows = largest_divisor(group_rows, ACCUMULATOR_VECTORS)
+    vectors = 2 if pixel_vectors % 2 == 0 else 1
+    rows = largest_divisor(group_rows, max(1, registers // 2 // vectors))
     block_rows = largest_divisor(group_rows, ROW_BLOCK, multiple_of=rows)
     if block_rows % rows:
         block_rows = rows
     # Enough parallel tasks for every core: split pixels only when row blocks are too few.
     row_blocks = batch_rows // block_rows
+    tile_columns = pixel_vectors // vectors
     pixel_blocks = 1
-    while row_blocks * pixel_blocks < 4 * cores and pixel_vectors % (pixel_blocks * 2) == 0:
+    while row_blocks * pixel_blocks < 4 * cores and tile_columns % (pixel_blocks * 2) == 0:
         pixel_blocks *= 2
 
     gemm = sch.get_sblock(block)
@@ -80,21 +89,25 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         row_outer, row_mid, row_inner = sch.split(row, row_factors)
         p_vectors, p_inner = sch.split(p, [None, lanes])
         p_outer, p_mid = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=2))
+        tile = [row_inner, p_inner]
     else:
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
-        p_outer, p_mid, p_inner = sch.split(p, [pixel_blocks, None, lanes])
-    sch.reorder(n, row_outer, p_outer, row_mid, p_mid, *reduction, row_inner, p_inner)
+        p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
+        tile = [row_inner, p_vector, p_inner]
+    sch.reorder(n, row_outer, p_outer, row_mid, p_mid, *reduction, *tile)
     sch.parallel(sch.fuse(n, row_outer, p_outer))
     accumulator = sch.cache_write(gemm, 0, "local")
     sch.reverse_compute_at(accumulator, p_mid)
-    sch.unroll(row_inner)
+    for loop in tile[:-1]:
+        sch.unroll(loop)
     sch.vectorize(p_inner)  # before decompose_reduction: it needs the complete reduction block
     sch.decompose_reduction(gemm, reduction[0])
     if not sampled:
         # The write-back's loops exist only for tiles wider than one: with sampled tiles their
         # number would depend on the decisions, which a replayed (mutated) trace must not.
         acc_loops = sch.get_loops(accumulator)
-        sch.unroll(acc_loops[-2])
+        for loop in acc_loops[-len(tile):-1]:
+            sch.unroll(loop)
         sch.vectorize(acc_loops[-1])
 
 

@@ -3,10 +3,14 @@
 
 - Sampling stages (coordinates, corner indices/weights): parallel over (batch, offset group, tap),
   vectorised along output pixels.
-- Deformable im2col: parallel over (batch, channel*tap) rows, vectorised along pixels (the four
-  corner reads are gathers; their indices and weights are contiguous vectors).
+- Forward im2col (channels-last, tap-major rows): the input is transposed to channels-last,
+  then each (lanes x lanes) tile of (channels of one tap) x pixels is computed with vector loads
+  along the channels (the four corners of a sample are contiguous there) into registers and
+  stored transposed, pixels contiguous, as the GEMM reads them.
+- Backward im2col (channel-major rows): parallel over (batch, channel*tap) rows, vectorised
+  along pixels (the four corner reads are gathers; their indices and weights are contiguous).
 - GEMMs (forward output, column gradient, weight gradient): register-blocked micro-kernels
-  (``cpu_common.blocked_gemm``): a (rows x lanes) output tile stays in vector registers across
+  (``cpu_common.blocked_gemm``): a (rows x pixels) output tile stays in vector registers across
   the reduction.
 - Input gradient: the scatter stage parallelises itself over (batch, channel) planes.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 from tvm.s_tir import Schedule
 
 from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, largest_divisor, parallel_rows,
-                         parallel_vectorize, vector_lanes)
+                         parallel_vectorize, vector_lanes, vector_registers)
 
 
 def _geometry(workload, target):
@@ -36,15 +40,53 @@ def _columns(sch: Schedule, lanes: int) -> None:
     parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes)
 
 
+def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
+    """input_channels_last and the tap-major deform_col (``ops.deform_conv.tap_major_columns``)."""
+    _sampling(sch, lanes)
+    transpose = sch.get_sblock("input_channels_last")
+    n, i, c = sch.get_loops(transpose)
+    sch.parallel(sch.fuse(n, i))
+    if geo.in_channels % lanes == 0:
+        sch.vectorize(sch.split(c, [None, lanes])[1])
+    reorder = sch.get_sblock("weight_tap_major")
+    co, r = sch.get_loops(reorder)
+    sch.parallel(co)
+    if geo.group_in_channels % lanes == 0:
+        sch.vectorize(sch.split(r, [None, lanes])[1])
+    if geo.group_in_channels % lanes:
+        # A tile of lanes rows would straddle two taps (not contiguous in the input): gathers.
+        parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes)
+        return
+    block = sch.get_sblock("deform_col")
+    n, row, p = sch.get_loops(block)
+    row_outer, row_inner = sch.split(row, [None, lanes])
+    p_outer, p_inner = sch.split(p, [None, lanes])
+    sch.reorder(n, p_outer, row_outer, p_inner, row_inner)
+    sch.parallel(sch.fuse(n, p_outer))
+    tile = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(tile, row_outer)
+    sch.unroll(p_inner)
+    sch.vectorize(row_inner)  # along channels: the corner reads are vector loads
+    tile_rows, tile_pixels = sch.get_loops(tile)[-2:]
+    sch.unroll(tile_rows)
+    sch.vectorize(tile_pixels)  # stored along pixels: LLVM transposes the tile in registers
+
+
 def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
 
     ``sampled`` (all schedules here): GEMM tile sizes are MetaSchedule decisions: the schedule is
     then a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it."""
+    from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, columns_formulation
+
     geo, lanes = _geometry(workload, target)
-    _columns(sch, lanes)
+    if columns_formulation(workload) == COLUMNS_GATHER:
+        _columns(sch, lanes)
+    else:
+        _channels_last_columns(sch, geo, lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
-                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled)
+                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
+                 registers=vector_registers(target))
     parallel_rows(sch, "output")
 
 
@@ -55,7 +97,8 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = Fals
     _sampling(sch, lanes, weights=workload["need_input"])
     parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
     blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
-                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled)
+                 pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
+                 registers=vector_registers(target))
     if workload["need_sampling"]:
         # Loops (n, g, k, q, p, ci): one task per (n, g, k, q); each lanes-wide pixel vector
         # accumulates over the channels in registers.

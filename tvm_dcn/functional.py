@@ -166,19 +166,28 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     if largest > _INT32_MAX:
         raise ValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
                          "(more than 2**31 elements in an intermediate); split the batch")
-    return DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride_hw, padding_hw, dilation_hw)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)):
+        return DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride_hw, padding_hw, dilation_hw)
+    # Nothing to differentiate: skip autograd's bookkeeping (tens of microseconds a call).
+    return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
 
 
 def _workload(input, offset, weight, bias, mask, stride, padding, dilation):
     """The forward workload of a validated call."""
-    batch, in_channels, height, width = input.shape
-    out_channels, weight_in_channels, kernel_h, kernel_w = weight.shape
+    return _forward_workload(tuple(input.shape), tuple(weight.shape), offset.shape[1], tuple(stride), tuple(padding),
+                             tuple(dilation), mask is not None, bias is not None, input.dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_workload(input_shape, weight_shape, offset_channels, stride, padding, dilation, with_mask, with_bias,
+                      dtype) -> "Workload":
+    batch, in_channels, height, width = input_shape
+    out_channels, weight_in_channels, kernel_h, kernel_w = weight_shape
     return forward_workload(
         batch=batch, in_channels=in_channels, height=height, width=width, out_channels=out_channels,
-        kernel_size=(kernel_h, kernel_w), stride=tuple(stride), padding=tuple(padding),
-        dilation=tuple(dilation), groups=in_channels // weight_in_channels,
-        offset_groups=offset.shape[1] // (2 * kernel_h * kernel_w), with_mask=mask is not None,
-        with_bias=bias is not None, dtype=str(input.dtype).replace("torch.", ""))
+        kernel_size=(kernel_h, kernel_w), stride=stride, padding=padding, dilation=dilation,
+        groups=in_channels // weight_in_channels, offset_groups=offset_channels // (2 * kernel_h * kernel_w),
+        with_mask=with_mask, with_bias=with_bias, dtype=str(dtype).replace("torch.", ""))
 
 
 def _is_empty(input: torch.Tensor, weight: torch.Tensor) -> bool:

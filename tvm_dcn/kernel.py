@@ -194,7 +194,7 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
     schedule = schedule or _preferred_schedule.source
     target = as_target(target)
     workload = ops.for_target(workload, target.kind.name)  # GPU: the atomic scatter formulation
-    key = (workload, json.dumps(target.export(), sort_keys=True, default=str), schedule)
+    key = (workload, _target_key(target), schedule)
     kernel = _memory_cache.get(key)
     if kernel is not None:
         return kernel
@@ -206,6 +206,21 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
             kernel = _build_or_load(workload, target, schedule, use_disk_cache)
             _memory_cache[key] = kernel
     return kernel
+
+
+_target_keys: dict[int, tuple[tvm.target.Target, str]] = {}
+
+
+def _target_key(target: tvm.target.Target) -> str:
+    """The canonical JSON of ``target`` (memoised per target object: exporting costs ~10 us, a
+    noticeable part of a small kernel call)."""
+    entry = _target_keys.get(id(target))
+    if entry is None or entry[0] is not target:
+        if len(_target_keys) > 64:  # targets built afresh per call (JSON dicts): keep the memo small
+            _target_keys.clear()
+        entry = (target, json.dumps(target.export(), sort_keys=True, default=str))
+        _target_keys[id(target)] = entry
+    return entry[1]
 
 
 def _build_or_load(workload: Workload, target, schedule: Optional[str], use_disk_cache: bool,

@@ -13,6 +13,9 @@ two formulations, chosen by the workload parameter ``scatter``:
   (CUDA ``atomicAdd``: float64 needs sm_60 or newer; the summation order varies from run to run).
 
 The interpolation math is shared; only the loop structure around the adds differs.
+
+Operators may also lay out an intermediate differently for GPUs (registered ``gpu_params``, e.g.
+the forward deformable convolution's ``columns``, see ``deform_conv.py``).
 :func:`for_target` gives a workload the formulation of a target (``tvm_dcn.compile`` applies
 it), so a CPU workload and its CUDA twin are distinct workloads, and CPU PrimFuncs (and the
 structural hashes their tuning records are matched by) do not change.
@@ -38,17 +41,22 @@ class OperatorDef:
 _BUILDERS: dict[str, Callable[[Workload], OperatorDef]] = {}
 # op -> whether a workload of it has a scatter stage
 _SCATTERS: dict[str, Callable[[Workload], bool]] = {}
+# op -> workload parameters of its GPU formulation (beyond the atomic scatter)
+_GPU_PARAMS: dict[str, dict] = {}
 
 SCATTER_ATOMIC = "atomic"
 
 
-def register(op: str, scatter: Optional[Callable[[Workload], bool]] = None):
+def register(op: str, scatter: Optional[Callable[[Workload], bool]] = None, gpu_params: Optional[dict] = None):
     """Register the builder of ``op``; ``scatter(workload)``: whether the workload has a scatter
-    stage (and so a GPU formulation, see the module docstring)."""
+    stage (and so a GPU formulation, see the module docstring); ``gpu_params``: parameters that
+    GPU workloads of ``op`` get (another formulation of an intermediate)."""
     def wrap(fn: Callable[[Workload], OperatorDef]):
         _BUILDERS[op] = fn
         if scatter is not None:
             _SCATTERS[op] = scatter
+        if gpu_params:
+            _GPU_PARAMS[op] = dict(gpu_params)
         return fn
 
     return wrap
@@ -66,17 +74,21 @@ def atomic_scatter(workload: Workload) -> bool:
 
 
 def for_target(workload: Workload, target_kind: str) -> Workload:
-    """``workload`` with the scatter formulation of ``target_kind`` (``"llvm"``: plane-parallel,
-    GPU kinds: atomic); workloads without a scatter stage are returned unchanged."""
+    """``workload`` with the formulation of ``target_kind``: the CPU's (``"llvm"``) unchanged; for
+    GPU kinds the atomic scatter (``scatter``, operators with a scatter stage) and the operator's
+    registered ``gpu_params``. A workload that has them already is returned unchanged."""
     atomic = atomic_scatter(workload)
     if target_kind == "llvm":
         if atomic:
             raise ValueError(f"workload {workload.op} has scatter={SCATTER_ATOMIC!r} (GPU atomics); "
                              "the CPU target needs the workload without it")
         return workload
-    if atomic or not _SCATTERS.get(workload.op, lambda wl: False)(workload):
+    extra = {name: value for name, value in _GPU_PARAMS.get(workload.op, {}).items() if workload.get(name) is None}
+    if not atomic and _SCATTERS.get(workload.op, lambda wl: False)(workload):
+        extra["scatter"] = SCATTER_ATOMIC
+    if not extra:
         return workload
-    return Workload.make(workload.op, workload.dtype, scatter=SCATTER_ATOMIC, **dict(workload.params))
+    return Workload.make(workload.op, workload.dtype, **dict(workload.params), **extra)
 
 
 def source_file(op: str) -> str:
