@@ -1,8 +1,9 @@
 """Where the time of the forward deformable convolution goes, per layer of a workload set.
 
-The forward kernel is sampling (coordinates, bilinear corners, deformable im2col) followed by a
-GEMM. This builds the two parts as separate kernels with the CPU hand schedule's own pieces and
-times them on random data (offsets ~ N(0, 2), as ``tvm-dcn bench``), next to ``torch.mm`` (MKL /
+The forward kernel is sampling (coordinates, bilinear corners, deformable im2col; in the
+channels-last formulation also the input's transposition) followed by a GEMM (in channels-last,
+after reordering the weight: counted with the GEMM here). This builds the two parts as separate
+kernels with the CPU hand schedule's own pieces and times them on random data (offsets ~ N(0, 2), as ``tvm-dcn bench``), next to ``torch.mm`` (MKL /
 oneDNN sgemm) of the same GEMM shape and a large square sgemm, the practical FLOP ceiling here.
 A layer can run no faster than its GEMM, so this bounds what any forward schedule can reach.
 
@@ -22,34 +23,44 @@ from tvm import te
 
 from tvm_dcn import schedules, workloads
 from tvm_dcn.bench import layer_name
-from tvm_dcn.ops.deform_conv import FORWARD, ConvGeometry, Placeholders, deformable_columns, sampling_stages
+from tvm_dcn.ops.deform_conv import (COLUMNS_GATHER, FORWARD, ConvGeometry, Placeholders, columns_formulation,
+                                     forward_columns, gemm_weight, sampling_stages)
 from tvm_dcn.target import as_target
 from tvm_dcn.schedules import cpu_common, cpu_deform_conv2d
 
 
 def sampling_kernel(wl, target):
-    """input, offset[, mask] -> deformable columns, hand-scheduled as in the forward kernel."""
+    """input, offset[, mask] -> deformable columns (in the forward's formulation), hand-scheduled as
+    in the forward kernel."""
     geo = ConvGeometry(wl)
     t = Placeholders(geo, False)
-    columns = deformable_columns(geo, t.data, *sampling_stages(geo, t.offset, t.mask))
+    columns = forward_columns(wl, geo, t.data, *sampling_stages(geo, t.offset, t.mask))
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(t.sampling_args() + [columns])}))
-    cpu_deform_conv2d._columns(sch, cpu_deform_conv2d._geometry(wl, target)[1])
+    lanes = cpu_deform_conv2d._geometry(wl, target)[1]
+    if columns_formulation(wl) == COLUMNS_GATHER:
+        cpu_deform_conv2d._columns(sch, lanes)
+    else:
+        cpu_deform_conv2d._channels_last_columns(sch, geo, lanes)
     return tvm.compile(sch.mod, target=target), t.sampling_args() + [columns]
 
 
 def gemm_kernel(wl, target):
-    """weight x columns, hand-scheduled as in the forward kernel (groups = 1)."""
+    """weight x columns (the weight first reordered like the columns' rows, as in the forward),
+    hand-scheduled as in the forward kernel (groups = 1)."""
     geo = ConvGeometry(wl)
     weight = te.placeholder((geo.out_channels, geo.reduction), geo.dtype, name="weight")
+    ordered = gemm_weight(wl, geo, weight)
     columns = te.placeholder((geo.batch, geo.reduction, geo.padded_pixels), geo.dtype, name="columns")
     r = te.reduce_axis((0, geo.reduction), name="r")
     gemm = te.compute((geo.batch, geo.out_channels, geo.padded_pixels),
-                      lambda n, co, p: te.sum(weight[co, r] * columns[n, r, p], axis=r), name="gemm")
+                      lambda n, co, p: te.sum(ordered[co, r] * columns[n, r, p], axis=r), name="gemm")
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([weight, columns, gemm])}))
     lanes = cpu_deform_conv2d._geometry(wl, target)[1]
+    if ordered is not weight:
+        cpu_deform_conv2d._weight_reorder(sch, geo, lanes)
     cpu_common.blocked_gemm(sch, "gemm", group_rows=geo.out_channels, batch_rows=geo.batch * geo.out_channels,
                             pixel_vectors=geo.padded_pixels // lanes, lanes=lanes,
-                            cores=cpu_common.core_count(target))
+                            cores=cpu_common.core_count(target), registers=cpu_common.vector_registers(target))
     return tvm.compile(sch.mod, target=target), [weight, columns, gemm]
 
 
@@ -85,7 +96,8 @@ def main() -> None:
     big = torch.randn(1024, 1024)
     peak = 2 * 1024 ** 3 / torch_ms(lambda: torch.mm(big, big), 10) / 1e6
     print(f"torch.mm 1024^3: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
-    print(f"{'layer':<36} {'sampling ms':>11} {'gemm ms':>8} {'torch.mm ms':>11} {'gemm GFLOP/s':>12}")
+    print(f"{'layer':<36} {'columns':>13} {'sampling ms':>11} {'gemm ms':>8} {'torch.mm ms':>11} "
+          f"{'gemm GFLOP/s':>12}")
     for wl, _ in workloads.unique_with_counts(workloads.load(args.workloads)):
         if wl.op != FORWARD:
             continue
@@ -97,7 +109,8 @@ def main() -> None:
         a, b = torch.randn(geo.out_channels, geo.reduction), torch.randn(geo.reduction, geo.pixels)
         mm = torch_ms(lambda: torch.mm(a, b))
         flops = 2 * geo.out_channels * geo.reduction * geo.pixels * geo.batch
-        print(f"{layer_name(wl):<36} {sampling:>11.3f} {gemm:>8.3f} {mm:>11.3f} {flops / gemm / 1e6:>12.0f}")
+        print(f"{layer_name(wl):<36} {columns_formulation(wl):>13} {sampling:>11.3f} {gemm:>8.3f} {mm:>11.3f} "
+              f"{flops / gemm / 1e6:>12.0f}")
 
 
 if __name__ == "__main__":

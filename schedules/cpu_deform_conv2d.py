@@ -48,11 +48,6 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     sch.parallel(sch.fuse(n, i))
     if geo.in_channels % lanes == 0:
         sch.vectorize(sch.split(c, [None, lanes])[1])
-    reorder = sch.get_sblock("weight_tap_major")
-    co, r = sch.get_loops(reorder)
-    sch.parallel(co)
-    if geo.group_in_channels % lanes == 0:
-        sch.vectorize(sch.split(r, [None, lanes])[1])
     if geo.group_in_channels % lanes:
         # A tile of lanes rows would straddle two taps (not contiguous in the input): gathers.
         parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes)
@@ -72,6 +67,14 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     sch.vectorize(tile_pixels)  # stored along pixels: LLVM transposes the tile in registers
 
 
+def _weight_reorder(sch: Schedule, geo, lanes: int) -> None:
+    """weight_tap_major: parallel over output channels, vectorised along the reordered row."""
+    co, r = sch.get_loops(sch.get_sblock("weight_tap_major"))
+    sch.parallel(co)
+    if geo.group_in_channels % lanes == 0:
+        sch.vectorize(sch.split(r, [None, lanes])[1])
+
+
 def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
 
@@ -84,6 +87,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
         _columns(sch, lanes)
     else:
         _channels_last_columns(sch, geo, lanes)
+        _weight_reorder(sch, geo, lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
                  registers=vector_registers(target))

@@ -258,6 +258,22 @@ def test_only_needed_gradients(wrt, generator, monkeypatch):
         assert weight["need_weight"] == ("weight" in wrt) and weight["with_bias"] == ("bias" in wrt)
 
 
+def test_autograd_records_only_when_a_gradient_can_flow(generator):
+    """Without a tensor that requires grad (or under no_grad) the forward skips autograd (no
+    grad_fn, same numbers); with one, the result is differentiable."""
+    cfg = GRADCHECK[0]
+    inputs = make_inputs(cfg, generator)
+    plain = _tvm(**inputs, **call_kwargs(cfg))
+    assert plain.grad_fn is None and not plain.requires_grad
+    weight = inputs["weight"].clone().requires_grad_()
+    tracked = _tvm(**{**inputs, "weight": weight}, **call_kwargs(cfg))
+    assert tracked.requires_grad and tracked.grad_fn is not None
+    with torch.no_grad():
+        untracked = _tvm(**{**inputs, "weight": weight}, **call_kwargs(cfg))
+    assert untracked.grad_fn is None
+    assert torch.equal(plain, tracked.detach()) and torch.equal(plain, untracked)
+
+
 def test_frozen_layer_inside_a_network():
     """A frozen deformable layer (no parameter requires grad) passes the same gradient on to
     the layer before it (through its input and its predicted offsets and mask) as a trainable one."""

@@ -412,3 +412,53 @@ def test_batch_elements_are_independent(generator):
         sub = {k: (None if v is None or k in ("weight", "bias") else v[i:i + 1]) for k, v in inputs.items()}
         sub["weight"], sub["bias"] = inputs["weight"], inputs["bias"]
         assert_matches(_run(one, sub), out[i:i + 1].double(), torch.float32, what=f"batch element {i}")
+
+
+# --------------------------------------------------------------------------------------------
+# Column formulations (ops/deform_conv.py): the CPU picks one by the sizes; both must be exact.
+
+FORMULATION_CASES = [
+    PAIRWISE[2], PAIRWISE[4], EXTRAS[0], EXTRAS[1], EXTRAS[8],
+    # Channels per group a multiple of 8 (the transposed-tile schedule) with groups and offset groups.
+    Config(batch=2, in_channels=32, height=9, width=9, out_channels=32, kernel=3, padding=1, groups=2,
+           offset_groups=2, mask=True),
+]
+
+
+@pytest.mark.parametrize("columns", ["gather", "channels_last"])
+@pytest.mark.parametrize("cfg", FORMULATION_CASES, ids=[c.ident() for c in FORMULATION_CASES])
+def test_column_formulations_match_torchvision(cfg: Config, columns: str, generator, monkeypatch):
+    from tvm_dcn import functional
+
+    chosen = functional._workload
+
+    def forced(*args):
+        wl = chosen(*args)
+        return tvm_dcn.Workload.make(wl.op, wl.dtype, **dict(wl.params), columns=columns)
+
+    monkeypatch.setattr(functional, "_workload", forced)
+    inputs = make_inputs(cfg, generator)
+    with torch.no_grad():
+        out = _run(cfg, inputs)
+    assert_matches(out, _oracle(cfg, inputs), cfg.dtype, what=f"{columns}: {cfg.ident()}")
+
+
+def test_column_formulation_choice():
+    from tvm_dcn import ops
+    from tvm_dcn.ops.deform_conv import columns_formulation, forward_workload
+
+    def layer(channels, size, stride=1):
+        return forward_workload(batch=1, in_channels=channels, height=size, width=size, out_channels=channels,
+                                kernel_size=(3, 3), stride=(stride, stride), padding=(1, 1), with_mask=True)
+
+    # Many pixels, small weights: channels-last; 7x7 pixels under a 512x4608 weight: gathers.
+    assert columns_formulation(layer(128, 28)) == "channels_last"
+    assert columns_formulation(layer(256, 14)) == "channels_last"
+    assert columns_formulation(layer(512, 7)) == "gather"
+    assert columns_formulation(layer(512, 14, stride=2)) == "gather"
+    gpu = ops.for_target(layer(128, 28), "cuda")
+    assert gpu["columns"] == "gather" and columns_formulation(gpu) == "gather"
+    assert ops.for_target(gpu, "cuda") == gpu
+    with pytest.raises(ValueError, match="columns"):
+        tvm_dcn.kernel.primfunc(tvm_dcn.Workload.make("deform_conv2d", "float32", **dict(layer(8, 8).params),
+                                                      columns="nhwc"))

@@ -255,6 +255,19 @@ def weight_tap_major(geo: ConvGeometry, weight: te.Tensor) -> te.Tensor:
                       name="weight_tap_major")
 
 
+def forward_columns(wl: Workload, geo: ConvGeometry, data: te.Tensor, corner_index: te.Tensor,
+                    corner_weight: te.Tensor) -> te.Tensor:
+    """The forward's deformable columns in the workload's formulation."""
+    if columns_formulation(wl) == COLUMNS_GATHER:
+        return deformable_columns(geo, data, corner_index, corner_weight)
+    return tap_major_columns(geo, channels_last(geo, data), corner_index, corner_weight)
+
+
+def gemm_weight(wl: Workload, geo: ConvGeometry, weight: te.Tensor) -> te.Tensor:
+    """The weight with its rows in the order of the forward's column rows."""
+    return weight if columns_formulation(wl) == COLUMNS_GATHER else weight_tap_major(geo, weight)
+
+
 def columns_formulation(wl: Workload) -> str:
     """The forward's column formulation: the ``columns`` parameter, validated, or (absent) the
     CPU's choice by the sizes (see the module docstring)."""
@@ -292,12 +305,8 @@ def build_forward(wl: Workload) -> OperatorDef:
     geo = ConvGeometry(wl)
     t = Placeholders(geo, geo.with_bias)
     corner_index, corner_weight = sampling_stages(geo, t.offset, t.mask)
-    if columns_formulation(wl) == COLUMNS_GATHER:
-        columns = deformable_columns(geo, t.data, corner_index, corner_weight)
-        weight = t.weight
-    else:
-        columns = tap_major_columns(geo, channels_last(geo, t.data), corner_index, corner_weight)
-        weight = weight_tap_major(geo, t.weight)
+    columns = forward_columns(wl, geo, t.data, corner_index, corner_weight)
+    weight = gemm_weight(wl, geo, t.weight)
     r = te.reduce_axis((0, geo.reduction), name="r")
     gemm = te.compute(
         (geo.batch, geo.out_channels, geo.padded_pixels),
