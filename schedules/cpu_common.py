@@ -1,6 +1,8 @@
 """Helpers shared by the CPU hand schedules."""
 from __future__ import annotations
 
+from typing import Optional
+
 
 def vector_lanes(dtype: str, target) -> int:
     """SIMD lanes of ``dtype`` on ``target`` (256-bit vectors unless the CPU has AVX-512)."""
@@ -55,7 +57,7 @@ def vector_registers(target) -> int:
 
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
-                 cores: int, sampled: bool = False, registers: int = 16) -> None:
+                 cores: int, sampled: bool = False, registers: int = 16, epilogue: Optional[str] = None) -> None:
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
     Each (rows x vectors*lanes) output tile stays in vector registers across the whole reduction,
@@ -64,7 +66,9 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     two pixel vectors per tile where the pixels allow (4 x 2 with AVX2's 16 registers: 6 loads per
     8 FMAs, where 8 x 1 needs 9), else one. Tiles never straddle a group of ``group_rows`` rows (a
     convolution group reads another slice of its operands). ``batch_rows``: batch x rows, the
-    number of rows over all parallel tasks.
+    number of rows over all parallel tasks. ``epilogue``: an elementwise consumer of the GEMM
+    (e.g. the bias addition) computed per tile from the registers, so the GEMM's own buffer
+    never reaches memory (one pass less over the output, which is cold after other work).
 
     ``sampled``: the tile sizes become MetaSchedule decisions (``sample_perfect_tile``), making
     this a design space for the tuner; the fixed choices above are one point of it.
@@ -88,15 +92,19 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         row_factors = sch.sample_perfect_tile(row, n=3, max_innermost_factor=2 * ACCUMULATOR_VECTORS)
         row_outer, row_mid, row_inner = sch.split(row, row_factors)
         p_vectors, p_inner = sch.split(p, [None, lanes])
-        p_outer, p_mid = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=2))
-        tile = [row_inner, p_inner]
+        p_outer, p_mid, p_vector = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=3, max_innermost_factor=4))
+        tile = [row_inner, p_vector, p_inner]
     else:
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
         p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
         tile = [row_inner, p_vector, p_inner]
     sch.reorder(n, row_outer, p_outer, row_mid, p_mid, *reduction, *tile)
     sch.parallel(sch.fuse(n, row_outer, p_outer))
-    accumulator = sch.cache_write(gemm, 0, "local")
+    if epilogue is None:
+        accumulator = sch.cache_write(gemm, 0, "local")
+    else:
+        sch.set_scope(gemm, 0, "local")
+        accumulator = sch.get_sblock(epilogue)
     sch.reverse_compute_at(accumulator, p_mid)
     for loop in tile[:-1]:
         sch.unroll(loop)

@@ -83,6 +83,8 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, columns_formulation
 
     geo, lanes = _geometry(workload, target)
+    # Output (and bias) from the GEMM's registers where no tile reaches into the pixel padding.
+    epilogue = "output" if geo.padded_pixels == geo.pixels else None
     if columns_formulation(workload) == COLUMNS_GATHER:
         _columns(sch, lanes)
     else:
@@ -90,8 +92,9 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
         _weight_reorder(sch, geo, lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
-                 registers=vector_registers(target))
-    parallel_rows(sch, "output")
+                 registers=vector_registers(target), epilogue=epilogue)
+    if epilogue is None:
+        parallel_rows(sch, "output")
 
 
 def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = False) -> None:
