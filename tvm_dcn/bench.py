@@ -10,6 +10,8 @@ PyTorch entry point:
 * ``dense conv2d``: ``torch.nn.functional.conv2d`` of the same shape (oneDNN here): the floor a
   deformable convolution, which also samples its input, cannot beat.
 
+Each repeat runs every candidate once, starting one candidate later than the previous repeat.
+
 RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 
 Two modes per layer: ``forward`` (no autograd) and ``forward+backward`` (gradients of input,
@@ -187,10 +189,15 @@ def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeat
         for _ in range(1 if name in slow else warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in usable}
+    names = list(usable)
     for i in range(repeats):
-        for name, fn in usable.items():  # interleaved: noise hits every candidate alike
+        # Interleaved, so noise hits every candidate alike, and rotated, so none always runs
+        # right after another on the same data (warm caches: measured here, a forward ran
+        # 0.5-1 ms faster right after another forward of the same layer than after other work).
+        for name in names[i % len(names):] + names[:i % len(names)]:
             if name in slow and i >= slow_repeats:
                 continue
+            fn = usable[name]
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
