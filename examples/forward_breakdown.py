@@ -3,9 +3,10 @@
 The forward kernel is sampling (coordinates, bilinear corners, deformable im2col; in the
 channels-last formulation also the input's transposition) followed by a GEMM (in channels-last,
 after reordering the weight: counted with the GEMM here). This builds the two parts as separate
-kernels with the CPU hand schedule's own pieces and times them on random data (offsets ~ N(0, 2), as ``tvm-dcn bench``), next to ``torch.mm`` (MKL /
-oneDNN sgemm) of the same GEMM shape and a large square sgemm, the practical FLOP ceiling here.
-A layer can run no faster than its GEMM, so this bounds what any forward schedule can reach.
+kernels with the CPU hand schedule's own pieces and times them on random data (offsets ~ N(0, 2),
+as ``tvm-dcn bench``), next to ``torch.mm`` (MKL / oneDNN sgemm) of the same GEMM shape and a
+large square sgemm, the practical FLOP ceiling here. A layer can run no faster than its GEMM, so
+this bounds what any forward schedule can reach.
 
     python examples/forward_breakdown.py [--workloads resnet50-dcn-224]
 """
@@ -23,8 +24,8 @@ from tvm import te
 
 from tvm_dcn import schedules, workloads
 from tvm_dcn.bench import layer_name
-from tvm_dcn.ops.deform_conv import (COLUMNS_GATHER, FORWARD, ConvGeometry, Placeholders, columns_formulation,
-                                     forward_columns, gemm_weight, sampling_stages)
+from tvm_dcn.ops.deform_conv import (FORWARD, ConvGeometry, Placeholders, columns_formulation, forward_columns,
+                                     gemm_weight, sampling_stages)
 from tvm_dcn.target import as_target
 from tvm_dcn.schedules import cpu_common, cpu_deform_conv2d
 
@@ -36,11 +37,7 @@ def sampling_kernel(wl, target):
     t = Placeholders(geo, False)
     columns = forward_columns(wl, geo, t.data, *sampling_stages(geo, t.offset, t.mask))
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(t.sampling_args() + [columns])}))
-    lanes = cpu_deform_conv2d._geometry(wl, target)[1]
-    if columns_formulation(wl) == COLUMNS_GATHER:
-        cpu_deform_conv2d._columns(sch, lanes)
-    else:
-        cpu_deform_conv2d._channels_last_columns(sch, geo, lanes)
+    cpu_deform_conv2d.forward_columns(sch, wl, geo, cpu_deform_conv2d._geometry(wl, target)[1])
     return tvm.compile(sch.mod, target=target), t.sampling_args() + [columns]
 
 

@@ -67,6 +67,16 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     sch.vectorize(tile_pixels)  # stored along pixels: LLVM transposes the tile in registers
 
 
+def forward_columns(sch: Schedule, workload, geo, lanes: int) -> None:
+    """The forward's sampling and im2col stages, in the workload's column formulation."""
+    from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, columns_formulation
+
+    if columns_formulation(workload) == COLUMNS_GATHER:
+        _columns(sch, lanes)
+    else:
+        _channels_last_columns(sch, geo, lanes)
+
+
 def _weight_reorder(sch: Schedule, geo, lanes: int) -> None:
     """weight_tap_major: parallel over output channels, vectorised along the reordered row."""
     co, r = sch.get_loops(sch.get_sblock("weight_tap_major"))
@@ -80,15 +90,13 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
 
     ``sampled`` (all schedules here): GEMM tile sizes are MetaSchedule decisions: the schedule is
     then a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it."""
-    from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, columns_formulation
+    from tvm_dcn.ops.deform_conv import COLUMNS_CHANNELS_LAST, columns_formulation
 
     geo, lanes = _geometry(workload, target)
     # Output (and bias) from the GEMM's registers where no tile reaches into the pixel padding.
     epilogue = "output" if geo.padded_pixels == geo.pixels else None
-    if columns_formulation(workload) == COLUMNS_GATHER:
-        _columns(sch, lanes)
-    else:
-        _channels_last_columns(sch, geo, lanes)
+    forward_columns(sch, workload, geo, lanes)
+    if columns_formulation(workload) == COLUMNS_CHANNELS_LAST:
         _weight_reorder(sch, geo, lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,

@@ -193,7 +193,7 @@ def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeat
     for i in range(repeats):
         # Interleaved, so noise hits every candidate alike, and rotated, so none always runs
         # right after another on the same data (warm caches: measured here, a forward ran
-        # 0.5-1 ms faster right after another forward of the same layer than after other work).
+        # 0.6-1 ms faster right after another forward of the same layer than after other work).
         for name in names[i % len(names):] + names[:i % len(names)]:
             if name in slow and i >= slow_repeats:
                 continue

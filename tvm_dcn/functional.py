@@ -180,7 +180,7 @@ def _workload(input, offset, weight, bias, mask, stride, padding, dilation):
 
 @functools.lru_cache(maxsize=1024)
 def _forward_workload(input_shape, weight_shape, offset_channels, stride, padding, dilation, with_mask, with_bias,
-                      dtype) -> "Workload":
+                      dtype):
     batch, in_channels, height, width = input_shape
     out_channels, weight_in_channels, kernel_h, kernel_w = weight_shape
     return forward_workload(

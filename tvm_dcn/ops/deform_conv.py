@@ -38,8 +38,8 @@ The forward columns come in two formulations (workload parameter ``columns``):
 - absent: the CPU's choice, by the sizes: channels-last unless the weight outnumbers the
   columns twice over (Cout > 2 x groups x P'): reordering a weight element costs about as much
   as the gathers of a column element save, so the deep layers (few pixels, large weights)
-  gather. Measured here (ResNet-50 DCN layers, 2 cores): channels-last is 10-20% faster at
-  784 and 196 pixels, 20-40% slower at 49 pixels x 512 channels. GPU workloads get
+  gather. Measured here (ResNet-50 DCN layers, 2 Zen 3 cores): channels-last is 6-15% faster at
+  784 and 196 pixels, 24-65% slower at 49 pixels x 512 channels. GPU workloads get
   ``"gather"`` (``ops.for_target``: what the CUDA GEMM tiles stage).
 
 The backward kernels reuse stages 1-3 (see ``build_backward_data`` and ``build_backward_weight``).
