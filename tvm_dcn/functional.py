@@ -5,9 +5,14 @@ CPU tensors run CPU kernels; CUDA tensors run kernels built for their GPU (``tar
 its architecture and model, so its tuning records), on that device and on torch's current
 stream of it (``Kernel.__call__``), so they order with the surrounding torch work and can be
 captured in CUDA graphs (call once before capturing: the first call loads the kernels).
-The kernels are registered as ``torch.library`` custom ops (``torch.ops.tvm_dcn.*``, with fake
+The kernels are registered as ``torch.library`` operators (``torch.ops.tvm_dcn.*``, with fake
 implementations for ``torch.compile``), and :class:`DeformConv2dFunction` wires the forward and
 backward kernels into autograd. Backward kernels compute only the gradients autograd asks for.
+
+The operators are defined with ``torch.library.Library`` and implemented for the CPU and CUDA
+dispatch keys rather than with the ``torch.library.custom_op`` decorator: measured here, a
+``custom_op`` call costs ~130 us of dispatch in eager mode (its autograd and tracing wrappers),
+a ``Library`` operator ~12 us, against 2-3 ms for a whole forward layer.
 """
 from __future__ import annotations
 
@@ -200,10 +205,28 @@ def _flat(t: torch.Tensor, rows: int) -> torch.Tensor:
     return kernel_arg(t).view(t.shape[0], rows, -1)
 
 
-@torch.library.custom_op("tvm_dcn::deform_conv2d_forward", mutates_args=())
-def _forward_op(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor], stride: list[int], padding: list[int],
-                dilation: list[int]) -> torch.Tensor:
+_LIBRARY = torch.library.Library("tvm_dcn", "DEF")
+_LIBRARY.define("deform_conv2d_forward(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
+                "int[] stride, int[] padding, int[] dilation) -> Tensor")
+_LIBRARY.define("deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
+                "Tensor? mask, bool with_bias, int[] stride, int[] padding, int[] dilation, bool[] needs) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_DEVICE_KEYS = ("CPU", "CUDA")
+
+
+def _implements(name: str):
+    """Registers the decorated function as the CPU and CUDA kernel of ``tvm_dcn::<name>``."""
+    def register(fn):
+        for key in _DEVICE_KEYS:
+            _LIBRARY.impl(name, fn, key)
+        return fn
+    return register
+
+
+@_implements("deform_conv2d_forward")
+def _forward_impl(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  mask: Optional[torch.Tensor], stride: list[int], padding: list[int],
+                  dilation: list[int]) -> torch.Tensor:
     batch, in_channels = input.shape[:2]
     out_channels = weight.shape[0]
     out_h, out_w = offset.shape[2:]
@@ -223,13 +246,13 @@ def _forward_op(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     return out.view(batch, out_channels, out_h, out_w)
 
 
-@_forward_op.register_fake
+@torch.library.register_fake("tvm_dcn::deform_conv2d_forward")
 def _(input, offset, weight, bias, mask, stride, padding, dilation):
     return input.new_empty((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
 
 
-@torch.library.custom_op("tvm_dcn::deform_conv2d_backward", mutates_args=())
-def _backward_op(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+@_implements("deform_conv2d_backward")
+def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                  mask: Optional[torch.Tensor], with_bias: bool, stride: list[int], padding: list[int],
                  dilation: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                    torch.Tensor, torch.Tensor]:
@@ -292,7 +315,7 @@ def _backward_op(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.T
     return tuple(grads)
 
 
-@_backward_op.register_fake
+@torch.library.register_fake("tvm_dcn::deform_conv2d_backward")
 def _(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation, needs):
     shapes = (input, offset, mask, weight, weight[:, 0, 0, 0] if with_bias else None)
     return tuple(t.new_empty(t.shape) if need and t is not None else input.new_empty(0)
@@ -306,7 +329,10 @@ def _no_double_backward(ctx, *grads):
 # Gradients computed with create_graph=True record this op (with edges to the forward's inputs);
 # differentiating them then raises, as torchvision does, instead of finding no path to the inputs
 # (an unclear error, or silently None with allow_unused=True).
-_backward_op.register_autograd(_no_double_backward)
+torch.library.register_autograd("tvm_dcn::deform_conv2d_backward", _no_double_backward)
+
+_forward_op = torch.ops.tvm_dcn.deform_conv2d_forward.default
+_backward_op = torch.ops.tvm_dcn.deform_conv2d_backward.default
 
 
 class DeformConv2dFunction(torch.autograd.Function):
