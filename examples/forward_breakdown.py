@@ -1,9 +1,8 @@
 """Where the time of the forward deformable convolution goes, per layer of a workload set.
 
 The forward kernel is sampling (coordinates, bilinear corners, deformable im2col; in the
-channels-last formulation also the input's transposition) followed by a GEMM (in channels-last,
-after reordering the weight: counted with the GEMM here). This builds the two parts as separate
-kernels with the CPU hand schedule's own pieces and times them on random data (offsets ~ N(0, 2),
+channels-last formulation also the input's transposition) followed by a GEMM. This builds the two
+parts as separate kernels with the CPU hand schedule's own pieces and times them on random data (offsets ~ N(0, 2),
 as ``tvm-dcn bench``), next to ``torch.mm`` (MKL / oneDNN sgemm) of the same GEMM shape and a
 large square sgemm, the practical FLOP ceiling here. A layer can run no faster than its GEMM, so
 this bounds what any forward schedule can reach.
@@ -24,8 +23,8 @@ from tvm import te
 
 from tvm_dcn import schedules, workloads
 from tvm_dcn.bench import layer_name
-from tvm_dcn.ops.deform_conv import (FORWARD, ConvGeometry, Placeholders, columns_formulation, forward_columns,
-                                     gemm_weight, sampling_stages)
+from tvm_dcn.ops.deform_conv import (COLUMNS_GATHER, FORWARD, ConvGeometry, Placeholders, columns_formulation,
+                                     forward_columns, sampling_stages)
 from tvm_dcn.target import as_target
 from tvm_dcn.schedules import cpu_common, cpu_deform_conv2d
 
@@ -42,19 +41,23 @@ def sampling_kernel(wl, target):
 
 
 def gemm_kernel(wl, target):
-    """weight x columns (the weight first reordered like the columns' rows, as in the forward),
-    hand-scheduled as in the forward kernel (groups = 1)."""
+    """weight x columns (the columns in the forward's formulation), hand-scheduled as in the
+    forward kernel (groups = 1)."""
     geo = ConvGeometry(wl)
     weight = te.placeholder((geo.out_channels, geo.reduction), geo.dtype, name="weight")
-    ordered = gemm_weight(wl, geo, weight)
-    columns = te.placeholder((geo.batch, geo.reduction, geo.padded_pixels), geo.dtype, name="columns")
-    r = te.reduce_axis((0, geo.reduction), name="r")
-    gemm = te.compute((geo.batch, geo.out_channels, geo.padded_pixels),
-                      lambda n, co, p: te.sum(ordered[co, r] * columns[n, r, p], axis=r), name="gemm")
+    if columns_formulation(wl) == COLUMNS_GATHER:
+        columns = te.placeholder((geo.batch, geo.reduction, geo.padded_pixels), geo.dtype, name="columns")
+        r = te.reduce_axis((0, geo.reduction), name="r")
+        product = lambda n, co, p: te.sum(weight[co, r] * columns[n, r, p], axis=r)  # noqa: E731
+    else:
+        columns = te.placeholder((geo.batch, geo.in_channels, geo.taps, geo.padded_pixels), geo.dtype,
+                                 name="columns")
+        rc, rk = te.reduce_axis((0, geo.in_channels), name="rc"), te.reduce_axis((0, geo.taps), name="rk")
+        product = lambda n, co, p: te.sum(weight[co, rc * geo.taps + rk] * columns[n, rc, rk, p],  # noqa: E731
+                                          axis=[rc, rk])
+    gemm = te.compute((geo.batch, geo.out_channels, geo.padded_pixels), product, name="gemm")
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([weight, columns, gemm])}))
     lanes = cpu_deform_conv2d._geometry(wl, target)[1]
-    if ordered is not weight:
-        cpu_deform_conv2d._weight_reorder(sch, geo, lanes)
     cpu_common.blocked_gemm(sch, "gemm", group_rows=geo.out_channels, batch_rows=geo.batch * geo.out_channels,
                             pixel_vectors=geo.padded_pixels // lanes, lanes=lanes,
                             cores=cpu_common.core_count(target), registers=cpu_common.vector_registers(target))

@@ -98,14 +98,21 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
         p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
         tile = [row_inner, p_vector, p_inner]
-    sch.reorder(n, row_outer, p_outer, row_mid, p_mid, *reduction, *tile)
+    # With two-vector tiles, pixel stripes outside and row tiles inside: a stripe of the columns
+    # (reduction x 16 pixels) is read from memory once and reused from L2 by every row tile of
+    # the block, where the other order streams all the columns once per row tile. Measured here:
+    # the 128-channel forward and backward-data kernels 9-12% faster; with one-vector tiles
+    # (narrower stripes, more weight traffic) it was 6-9% slower, so those keep rows outside.
+    stripes_outside = pixel_vectors % 2 == 0
+    inner = row_mid if stripes_outside else p_mid
+    sch.reorder(n, row_outer, p_outer, *((p_mid, row_mid) if stripes_outside else (row_mid, p_mid)), *reduction, *tile)
     sch.parallel(sch.fuse(n, row_outer, p_outer))
     if epilogue is None:
         accumulator = sch.cache_write(gemm, 0, "local")
     else:
         sch.set_scope(gemm, 0, "local")
         accumulator = sch.get_sblock(epilogue)
-    sch.reverse_compute_at(accumulator, p_mid)
+    sch.reverse_compute_at(accumulator, inner)
     for loop in tile[:-1]:
         sch.unroll(loop)
     sch.vectorize(p_inner)  # before decompose_reduction: it needs the complete reduction block

@@ -3,10 +3,10 @@
 
 - Sampling stages (coordinates, corner indices/weights): parallel over (batch, offset group, tap),
   vectorised along output pixels.
-- Forward im2col (channels-last, tap-major rows): the input is transposed to channels-last,
-  then each (lanes x lanes) tile of (channels of one tap) x pixels is computed with vector loads
-  along the channels (the four corners of a sample are contiguous there) into registers and
-  stored transposed, pixels contiguous, as the GEMM reads them.
+- Forward im2col (channels-last): the input is transposed to channels-last, then each
+  (lanes x lanes) tile of (channels at one tap) x pixels is computed with vector loads along the
+  channels (the four corners of a sample are contiguous there) into registers and stored
+  transposed, pixels contiguous, as the GEMM reads them.
 - Backward im2col (channel-major rows): parallel over (batch, channel*tap) rows, vectorised
   along pixels (the four corner reads are gathers; their indices and weights are contiguous).
 - GEMMs (forward output, column gradient, weight gradient): register-blocked micro-kernels
@@ -41,30 +41,33 @@ def _columns(sch: Schedule, lanes: int) -> None:
 
 
 def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
-    """input_channels_last and the tap-major deform_col (``ops.deform_conv.tap_major_columns``)."""
+    """input_channels_last and the (N, C, K, P') deform_col (``ops.deform_conv.channel_major_columns``):
+    each (lanes channels x lanes pixels) tile of one tap is computed with vector loads along the
+    channels into registers and stored transposed (pixels contiguous, as the GEMM reads them)."""
     _sampling(sch, lanes)
     transpose = sch.get_sblock("input_channels_last")
     n, i, c = sch.get_loops(transpose)
     sch.parallel(sch.fuse(n, i))
     if geo.in_channels % lanes == 0:
         sch.vectorize(sch.split(c, [None, lanes])[1])
-    if geo.group_in_channels % lanes:
-        # A tile of lanes rows would straddle two taps (not contiguous in the input): gathers.
-        parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes)
-        return
     block = sch.get_sblock("deform_col")
-    n, row, p = sch.get_loops(block)
-    row_outer, row_inner = sch.split(row, [None, lanes])
+    n, c, k, p = sch.get_loops(block)
+    if geo.channels_per_offset_group % lanes:
+        # A tile of lanes channels would straddle two offset groups (other corners): per row.
+        sch.parallel(sch.fuse(n, c, k))
+        sch.vectorize(sch.split(p, [None, lanes])[1])
+        return
+    c_outer, c_inner = sch.split(c, [None, lanes])
     p_outer, p_inner = sch.split(p, [None, lanes])
-    sch.reorder(n, p_outer, row_outer, p_inner, row_inner)
+    sch.reorder(n, p_outer, c_outer, k, p_inner, c_inner)
     sch.parallel(sch.fuse(n, p_outer))
     tile = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(tile, row_outer)
+    sch.reverse_compute_at(tile, k)
     sch.unroll(p_inner)
-    sch.vectorize(row_inner)  # along channels: the corner reads are vector loads
+    sch.vectorize(c_inner)
     tile_rows, tile_pixels = sch.get_loops(tile)[-2:]
     sch.unroll(tile_rows)
-    sch.vectorize(tile_pixels)  # stored along pixels: LLVM transposes the tile in registers
+    sch.vectorize(tile_pixels)
 
 
 def forward_columns(sch: Schedule, workload, geo, lanes: int) -> None:
@@ -77,27 +80,15 @@ def forward_columns(sch: Schedule, workload, geo, lanes: int) -> None:
         _channels_last_columns(sch, geo, lanes)
 
 
-def _weight_reorder(sch: Schedule, geo, lanes: int) -> None:
-    """weight_tap_major: parallel over output channels, vectorised along the reordered row."""
-    co, r = sch.get_loops(sch.get_sblock("weight_tap_major"))
-    sch.parallel(co)
-    if geo.group_in_channels % lanes == 0:
-        sch.vectorize(sch.split(r, [None, lanes])[1])
-
-
 def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
 
     ``sampled`` (all schedules here): GEMM tile sizes are MetaSchedule decisions: the schedule is
     then a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it."""
-    from tvm_dcn.ops.deform_conv import COLUMNS_CHANNELS_LAST, columns_formulation
-
     geo, lanes = _geometry(workload, target)
     # Output (and bias) from the GEMM's registers where no tile reaches into the pixel padding.
     epilogue = "output" if geo.padded_pixels == geo.pixels else None
     forward_columns(sch, workload, geo, lanes)
-    if columns_formulation(workload) == COLUMNS_CHANNELS_LAST:
-        _weight_reorder(sch, geo, lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
                  registers=vector_registers(target), epilogue=epilogue)

@@ -419,7 +419,7 @@ def test_batch_elements_are_independent(generator):
 
 FORMULATION_CASES = [
     PAIRWISE[2], PAIRWISE[4], EXTRAS[0], EXTRAS[1], EXTRAS[8],
-    # Channels per group a multiple of 8 (the transposed-tile schedule) with groups and offset groups.
+    # Channels per offset group a multiple of 8 (the transposed-tile schedule), with groups.
     Config(batch=2, in_channels=32, height=9, width=9, out_channels=32, kernel=3, padding=1, groups=2,
            offset_groups=2, mask=True),
 ]
@@ -451,11 +451,15 @@ def test_column_formulation_choice():
         return forward_workload(batch=1, in_channels=channels, height=size, width=size, out_channels=channels,
                                 kernel_size=(3, 3), stride=(stride, stride), padding=(1, 1), with_mask=True)
 
-    # Many pixels, small weights: channels-last; 7x7 pixels under a 512x4608 weight: gathers.
+    # Channels-last wherever the channels of an offset group fill whole 8-lane vectors.
     assert columns_formulation(layer(128, 28)) == "channels_last"
     assert columns_formulation(layer(256, 14)) == "channels_last"
-    assert columns_formulation(layer(512, 7)) == "gather"
-    assert columns_formulation(layer(512, 14, stride=2)) == "gather"
+    assert columns_formulation(layer(512, 7)) == "channels_last"
+    assert columns_formulation(layer(512, 14, stride=2)) == "channels_last"
+    assert columns_formulation(layer(12, 9)) == "gather"
+    four_offset_groups = forward_workload(batch=1, in_channels=16, height=9, width=9, out_channels=16,
+                                         kernel_size=(3, 3), padding=(1, 1), offset_groups=4)
+    assert columns_formulation(four_offset_groups) == "gather"  # 4 channels per offset group
     gpu = ops.for_target(layer(128, 28), "cuda")
     assert gpu["columns"] == "gather" and columns_formulation(gpu) == "gather"
     assert ops.for_target(gpu, "cuda") == gpu

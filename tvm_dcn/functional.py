@@ -23,7 +23,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import kernel as _kernel
-from .ops.deform_conv import backward_data_workload, backward_weight_workload, forward_workload, output_size
+from .ops.deform_conv import (backward_data_workload, backward_weight_workload, forward_workload, output_size,
+                               padded_pixels)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -166,7 +167,7 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_h, out_w):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; expected "
                          f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
-    largest = max(input.numel(), batch * in_channels * taps * math.ceil(out_h * out_w / 8) * 8,
+    largest = max(input.numel(), batch * in_channels * taps * padded_pixels(out_h * out_w),
                   offset.numel(), batch * out_channels * out_h * out_w)
     if largest > _INT32_MAX:
         raise ValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "

@@ -22,25 +22,25 @@ The computation is split into stages so it schedules like a GEMM:
 5. output             (N, Cout, P)       drops the padding, adds the bias.
 
 K = KH*KW, P = OH*OW output pixels, P' = P rounded up to a multiple of ``SPATIAL_ALIGN`` so the
-pixel axis vectorises without tails. Coordinates and weights are computed once per (tap, pixel)
+pixel axis vectorises without tails (of twice that where cheap: ``padded_pixels``). Coordinates and weights are computed once per (tap, pixel)
 and reused by every channel of the offset group.
 
 The forward columns come in two formulations (workload parameter ``columns``):
 
 - ``"channels_last"``: the input is first transposed to channels-last (``input_channels_last``,
-  (N, H*W, C)) and the column rows are tap-major within each group (row ``g*R + k*Cg + c``,
-  Cg = C/groups, R = Cg*K), so the four corners of one (tap, pixel) are contiguous vectors over
-  channels, read with plain vector loads instead of gathers (which the x86 back end
-  scalarises). The weight is reordered to the same (tap, channel) order (``weight_tap_major``),
-  so the GEMM reads both operands in order.
-- ``"gather"``: channel-major rows (``g*R + c*K + k``) gathered straight from the NCHW input,
-  one contiguous pixel vector per row; the GEMM reads the weight as given.
-- absent: the CPU's choice, by the sizes: channels-last unless the weight outnumbers the
-  columns twice over (Cout > 2 x groups x P'): reordering a weight element costs about as much
-  as the gathers of a column element save, so the deep layers (few pixels, large weights)
-  gather. Measured here (ResNet-50 DCN layers, 2 Zen 3 cores): channels-last is 6-15% faster at
-  784 and 196 pixels, 24-65% slower at 49 pixels x 512 channels. GPU workloads get
-  ``"gather"`` (``ops.for_target``: what the CUDA GEMM tiles stage).
+  (N, H*W, C)), so the four corners of one (tap, pixel) are contiguous vectors over channels,
+  read with plain vector loads instead of gathers (which the x86 back end scalarises). The
+  columns are (N, C, K, P') (``channel_major_columns``): the rows c*K + k of the gather
+  formulation, in the weight's own order, so the GEMM reads the weight as given.
+- ``"gather"``: (N, C*K, P') rows gathered straight from the NCHW input, one contiguous pixel
+  vector per row (``deformable_columns``).
+- absent: the CPU's choice: channels-last where the channels of an offset group fill whole
+  vectors (C/OG a multiple of ``SPATIAL_ALIGN``), else gather. Measured here (ResNet-50 DCN
+  layers, 2 Zen 3 cores, whole forward kernels): channels-last 14-25% faster at 784 and 196
+  pixels, 1-5% at 49 pixels x 512 channels. (An earlier channels-last formulation ordered the
+  rows tap-major and reordered the weight to match on every call: 20-25% slower than gather
+  on the 512-channel layers, whose weight is 9.4 MB.) GPU workloads get ``"gather"``
+  (``ops.for_target``: what the CUDA GEMM tiles stage).
 
 The backward kernels reuse stages 1-3 (see ``build_backward_data`` and ``build_backward_weight``).
 
@@ -102,6 +102,16 @@ def backward_weight_workload(forward: Workload, *, need_weight: bool, need_bias:
     return Workload.make(BACKWARD_WEIGHT, forward.dtype, need_weight=bool(need_weight), **params)
 
 
+def padded_pixels(pixels: int) -> int:
+    """P': ``pixels`` rounded up to a multiple of ``SPATIAL_ALIGN``, or of twice that where this
+    adds at most a tenth: an even number of 8-lane vectors lets the CPU GEMM use its 4 x 2
+    register tile (measured here: 256 x 2304 x 208 in 1.35 ms, 256 x 2304 x 200 with the 8 x 1
+    tile in 1.46 ms), e.g. 196 pixels (14 x 14) -> 208, not 200; 49 (7 x 7) stays 56, not 64."""
+    padded = -(-pixels // SPATIAL_ALIGN) * SPATIAL_ALIGN
+    paired = -(-pixels // (2 * SPATIAL_ALIGN)) * 2 * SPATIAL_ALIGN
+    return paired if 10 * paired <= 11 * pixels else padded
+
+
 class ConvGeometry:
     """Shapes derived from a deform_conv2d workload."""
 
@@ -123,7 +133,7 @@ class ConvGeometry:
         self.out_w = output_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
         self.taps = self.kernel_h * self.kernel_w
         self.pixels = self.out_h * self.out_w
-        self.padded_pixels = -(-self.pixels // SPATIAL_ALIGN) * SPATIAL_ALIGN
+        self.padded_pixels = padded_pixels(self.pixels)
         self.group_in_channels = self.in_channels // self.groups
         self.group_out_channels = self.out_channels // self.groups
         self.channels_per_offset_group = self.in_channels // self.offset_groups
@@ -232,27 +242,16 @@ def channels_last(geo: ConvGeometry, data: te.Tensor) -> te.Tensor:
                       name="input_channels_last")
 
 
-def tap_major_columns(geo: ConvGeometry, data_channels_last: te.Tensor, corner_index: te.Tensor,
-                      corner_weight: te.Tensor) -> te.Tensor:
-    """Stage 3, channels-last: the (N, C*K, P') matrix of bilinear samples, row g*R + k*Cg + c
-    for channel g*Cg + c of convolution group g (Cg = C/groups, R = Cg*K)."""
-    Cg = geo.group_in_channels
-
-    def sample(n, row, p):
-        group, r = row // geo.reduction, row % geo.reduction
-        k, c = r // Cg, group * Cg + r % Cg
+def channel_major_columns(geo: ConvGeometry, data_channels_last: te.Tensor, corner_index: te.Tensor,
+                          corner_weight: te.Tensor) -> te.Tensor:
+    """Stage 3, channels-last: (N, C, K, P') bilinear samples of channel c at tap k, i.e. the rows
+    c*K + k of ``deformable_columns`` (the weight's own order), read from the channels-last input."""
+    def sample(n, c, k, p):
         g = c // geo.channels_per_offset_group
         return sum(corner_weight[n, g, k, q, p] * data_channels_last[n, corner_index[n, g, k, q, p], c]
                    for q in range(4))
 
-    return te.compute((geo.batch, geo.in_channels * geo.taps, geo.padded_pixels), sample, name="deform_col")
-
-
-def weight_tap_major(geo: ConvGeometry, weight: te.Tensor) -> te.Tensor:
-    """(Cout, R) the weight with each row in (tap, channel) order: column k*Cg + c."""
-    Cg, K = geo.group_in_channels, geo.taps
-    return te.compute((geo.out_channels, geo.reduction), lambda co, r: weight[co, (r % Cg) * K + r // Cg],
-                      name="weight_tap_major")
+    return te.compute((geo.batch, geo.in_channels, geo.taps, geo.padded_pixels), sample, name="deform_col")
 
 
 def forward_columns(wl: Workload, geo: ConvGeometry, data: te.Tensor, corner_index: te.Tensor,
@@ -260,12 +259,7 @@ def forward_columns(wl: Workload, geo: ConvGeometry, data: te.Tensor, corner_ind
     """The forward's deformable columns in the workload's formulation."""
     if columns_formulation(wl) == COLUMNS_GATHER:
         return deformable_columns(geo, data, corner_index, corner_weight)
-    return tap_major_columns(geo, channels_last(geo, data), corner_index, corner_weight)
-
-
-def gemm_weight(wl: Workload, geo: ConvGeometry, weight: te.Tensor) -> te.Tensor:
-    """The weight with its rows in the order of the forward's column rows."""
-    return weight if columns_formulation(wl) == COLUMNS_GATHER else weight_tap_major(geo, weight)
+    return channel_major_columns(geo, channels_last(geo, data), corner_index, corner_weight)
 
 
 def columns_formulation(wl: Workload) -> str:
@@ -274,7 +268,7 @@ def columns_formulation(wl: Workload) -> str:
     mode = wl.get("columns")
     if mode is None:
         geo = ConvGeometry(wl)
-        return COLUMNS_CHANNELS_LAST if 2 * geo.groups * geo.padded_pixels >= geo.out_channels else COLUMNS_GATHER
+        return COLUMNS_CHANNELS_LAST if geo.channels_per_offset_group % SPATIAL_ALIGN == 0 else COLUMNS_GATHER
     if mode not in (COLUMNS_GATHER, COLUMNS_CHANNELS_LAST):
         raise ValueError(f"workload {wl.op}: columns must be absent, {COLUMNS_GATHER!r} or "
                          f"{COLUMNS_CHANNELS_LAST!r}, got {mode!r}")
@@ -306,13 +300,23 @@ def build_forward(wl: Workload) -> OperatorDef:
     t = Placeholders(geo, geo.with_bias)
     corner_index, corner_weight = sampling_stages(geo, t.offset, t.mask)
     columns = forward_columns(wl, geo, t.data, corner_index, corner_weight)
-    weight = gemm_weight(wl, geo, t.weight)
-    r = te.reduce_axis((0, geo.reduction), name="r")
-    gemm = te.compute(
-        (geo.batch, geo.out_channels, geo.padded_pixels),
-        lambda n, co, p: te.sum(
-            weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
-        name="gemm")
+    weight = t.weight
+    if len(columns.shape) == 4:  # channels_last: (N, C, K, P')
+        rc = te.reduce_axis((0, geo.group_in_channels), name="rc")
+        rk = te.reduce_axis((0, geo.taps), name="rk")
+        gemm = te.compute(
+            (geo.batch, geo.out_channels, geo.padded_pixels),
+            lambda n, co, p: te.sum(
+                weight[co, rc * geo.taps + rk]
+                * columns[n, (co // geo.group_out_channels) * geo.group_in_channels + rc, rk, p], axis=[rc, rk]),
+            name="gemm")
+    else:
+        r = te.reduce_axis((0, geo.reduction), name="r")
+        gemm = te.compute(
+            (geo.batch, geo.out_channels, geo.padded_pixels),
+            lambda n, co, p: te.sum(
+                weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
+            name="gemm")
     if t.bias is None:
         out = te.compute((geo.batch, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p],
                          name="output")
