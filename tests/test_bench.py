@@ -14,6 +14,9 @@ from tvm_dcn.ops.roi_align import roi_align_workload
 
 CONV = forward_workload(batch=1, in_channels=4, height=6, width=5, out_channels=4, kernel_size=(3, 3),
                         padding=(1, 1), with_mask=True)
+# 8 channels: the channels-last column formulation (4 channels gather).
+CONV8 = forward_workload(batch=1, in_channels=8, height=6, width=5, out_channels=4, kernel_size=(3, 3),
+                         padding=(1, 1), with_mask=True)
 ROI = roi_align_workload(batch=1, channels=4, height=6, width=7, num_rois=8, output_size=(2, 2),
                          sampling_ratio=2)
 
@@ -82,9 +85,10 @@ def test_each_column_uses_its_schedule_for_backward_too(workload_file, compile_l
     assert None not in ops_by_source
 
 
-def test_forward_breakdown_parts_compute_the_forward(capsys, monkeypatch, workload_file):
+@pytest.mark.parametrize("conv", [CONV, CONV8], ids=["gather", "channels_last"])
+def test_forward_breakdown_parts_compute_the_forward(conv, capsys, monkeypatch, workload_file):
     """examples/forward_breakdown.py times sampling and GEMM as separate kernels: composed, they
-    give torchvision's forward; and the script runs on a workload file."""
+    give torchvision's forward (in both column formulations); and the script runs on a workload file."""
     import importlib.util  # noqa: PLC0415
     import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
@@ -94,20 +98,24 @@ def test_forward_breakdown_parts_compute_the_forward(capsys, monkeypatch, worklo
     import torchvision  # noqa: PLC0415
     import tvm  # noqa: PLC0415
 
+    from tvm_dcn.ops.deform_conv import columns_formulation  # noqa: PLC0415
+
+    assert columns_formulation(conv) == ("gather" if conv is CONV else "channels_last")
     path = Path(__file__).parents[1] / "examples" / "forward_breakdown.py"
     spec = importlib.util.spec_from_file_location("forward_breakdown", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     target = tvm_dcn.target.as_target(None)
-    geo = tvm_dcn.ops.deform_conv.ConvGeometry(CONV)
+    geo = tvm_dcn.ops.deform_conv.ConvGeometry(conv)
+    channels = geo.in_channels
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 6, 5, generator=g)
+    x = torch.randn(1, channels, 6, 5, generator=g)
     offset = torch.randn(1, 18, 6, 5, generator=g) * 2
     mask = torch.rand(1, 9, 6, 5, generator=g)
-    weight = torch.randn(4, 4, 3, 3, generator=g)
-    sampling, _ = example.sampling_kernel(CONV, target)
-    gemm, _ = example.gemm_kernel(CONV, target)
-    columns = tvm.runtime.tensor(np.zeros((1, geo.reduction, geo.padded_pixels), "float32"), tvm.cpu())
+    weight = torch.randn(4, channels, 3, 3, generator=g)
+    sampling, _ = example.sampling_kernel(conv, target)
+    gemm, gemm_args = example.gemm_kernel(conv, target)
+    columns = tvm.runtime.tensor(np.zeros([int(d) for d in gemm_args[1].shape], "float32"), tvm.cpu())
     out = tvm.runtime.tensor(np.zeros((1, 4, geo.padded_pixels), "float32"), tvm.cpu())
     sampling.mod["main"](*(tvm.runtime.tensor(t.reshape(1, t.shape[1], -1).numpy(), tvm.cpu())
                            for t in (x, offset, mask)), columns)
@@ -118,3 +126,34 @@ def test_forward_breakdown_parts_compute_the_forward(capsys, monkeypatch, worklo
     monkeypatch.setattr(sys, "argv", ["forward_breakdown.py", "--workloads", str(workload_file)])
     example.main()
     assert "dcnv2 b1 4x6x5->4 k3x3 s1" in capsys.readouterr().out
+
+
+def test_timed_calls_follow_the_offset_convolution_in_shuffled_order(monkeypatch):
+    """Every timed call runs right after the layer's (untimed) offset convolution, and the
+    candidates run in a different order from repeat to repeat (not a rotation of one order)."""
+    events = []
+
+    def candidates(wl, mode, schedules):
+        def make(name):
+            def call():
+                events.append(name)
+                return torch.zeros(1)
+            return call
+        import torch  # noqa: PLC0415
+
+        return {name: make(name) for name in ("tvm-dcn hand", "tvm-dcn tuned", "torchvision", "dense conv2d")}
+
+    offset_conv = bench._offset_conv(CONV)
+    assert tuple(offset_conv().shape) == (1, 27, 6, 5)  # 2 x 9 offsets and 9 mask channels per pixel
+    monkeypatch.setattr(bench, "_conv_candidates", candidates)
+    monkeypatch.setattr(bench, "_offset_conv", lambda wl: lambda: events.append("offset conv"))
+    repeats = 12
+    bench.run_case(CONV, 1, "forward", repeats=repeats, warmup=0, log=lambda line: None)
+    timed = events[events.index("offset conv"):]
+    assert timed[0::2] == ["offset conv"] * (4 * repeats)
+    orders = [tuple(timed[1::2][4 * i:4 * i + 4]) for i in range(repeats)]
+    assert all(sorted(o) == sorted(orders[0]) for o in orders)
+    # Who precedes whom varies: of the 12 ordered pairs of distinct candidates, a rotated fixed
+    # order gives 8 (each candidate nearly always follows the same one); shuffled, most occur.
+    calls = timed[1::2]
+    assert len({(a, b) for a, b in zip(calls, calls[1:]) if a != b}) >= 10

@@ -466,3 +466,16 @@ def test_column_formulation_choice():
     with pytest.raises(ValueError, match="columns"):
         tvm_dcn.kernel.primfunc(tvm_dcn.Workload.make("deform_conv2d", "float32", **dict(layer(8, 8).params),
                                                       columns="nhwc"))
+
+
+def test_padded_pixels_rounds_to_whole_vectors_and_pairs_them_when_cheap():
+    from tvm_dcn.ops.deform_conv import SPATIAL_ALIGN, padded_pixels
+
+    assert padded_pixels(784) == 784  # 98 vectors: already even
+    assert padded_pixels(196) == 208  # 25 vectors -> 26 (+6%), for the two-vector GEMM tile
+    assert padded_pixels(49) == 56  # 64 would add 31%: an odd 7 vectors stay
+    assert padded_pixels(1) == SPATIAL_ALIGN
+    for pixels in range(1, 600):
+        padded = padded_pixels(pixels)
+        assert padded % SPATIAL_ALIGN == 0 and 0 <= padded - pixels < 2 * SPATIAL_ALIGN
+        assert padded == -(-pixels // SPATIAL_ALIGN) * SPATIAL_ALIGN or 10 * padded <= 11 * pixels

@@ -378,7 +378,9 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
         seeds_path = work_dir / HAND_SEEDS_FILE
         hand_seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else {}
         for wl, _ in pairs if search else ():
-            if wl.key() not in hand_seeds and not _records_of(db, wl):
+            # No record of its PrimFunc: new, or its operator definition changed since the work
+            # dir was seeded (the workload key is the same then; the old seed is stale).
+            if not _records_of(db, wl):
                 seconds, trace = seed_with_hand(db, wl, target, builder, runner)
                 hand_seeds[wl.key()] = {"seconds": seconds, "trace": str(trace) if trace is not None else None}
                 seeds_path.write_text(json.dumps(hand_seeds, indent=1, sort_keys=True) + "\n")
