@@ -214,6 +214,31 @@ def test_export_keeps_other_workloads_and_sorts(tuned, private_cache):
     assert len((out / RECORD_FILE).read_text().splitlines()) == 2
 
 
+@pytest.mark.parametrize("record_speedup, keeps_hand", [(1.02, True), (1.05, False), (0.9, True)])
+def test_verification_keeps_the_hand_schedule_unless_a_record_is_clearly_faster(record_speedup, keeps_hand,
+                                                                                monkeypatch):
+    """A record displaces the hand schedule at export only if it measured ``HAND_MARGIN`` faster:
+    a smaller lead is within this machine's noise."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from tvm_dcn.schedules import find_template  # noqa: PLC0415
+    from tvm_dcn.target import as_target  # noqa: PLC0415
+
+    target = as_target(None)
+    hand = tune.hand_trace(TINY, target)
+    sch = tvm.s_tir.Schedule(tvm_dcn.kernel.ir_module(TINY))
+    find_template(TINY.op, "llvm")(sch, TINY, target)  # the tuning template: another trace
+    assert str(sch.trace) != str(hand)
+    # Measured in order: the task's records, then its hand schedule.
+    monkeypatch.setattr(tune, "_measure_many", lambda mods, *a: [[1e-3 / record_speedup], [1e-3]])
+    task = tune.TaskResult(TINY, 1, 2, None, None, False)
+    tune._verify([(task, [SimpleNamespace(trace=sch.trace)])], target, None, None)
+    assert task.best_is_hand is keeps_hand
+    assert task.hand_seconds == pytest.approx(1e-3)
+    assert task.best_seconds == pytest.approx(1e-3 if keeps_hand else 1e-3 / record_speedup)
+    assert str(task.record.trace) == str(hand if keeps_hand else sch.trace)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,12 @@ PyTorch entry point:
 * ``dense conv2d``: ``torch.nn.functional.conv2d`` of the same shape (oneDNN here): the floor a
   deformable convolution, which also samples its input, cannot beat.
 
-Each repeat runs every candidate once, in a fresh (seeded) random order.
+Each repeat runs every candidate once, in the orders of a balanced (Williams) design, so that
+each candidate directly follows each other one equally often (and, first in a repeat, the
+untimed dense convolution run between repeats), and every timed
+deformable-conv call right after the layer's offset convolution (untimed), as in a DCN network:
+what ran just before changes a kernel's time by up to ~0.7 ms here (a core left idle, as during
+torchvision's single-threaded sampling, is slow to come back on this shared host).
 
 RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 
@@ -24,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -129,7 +133,8 @@ def _forced(fn, schedule):
     return call
 
 
-def _conv_candidates(wl: Workload, mode: str, schedules) -> dict[str, Callable[[], torch.Tensor]]:
+def _conv_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str, Callable[[], torch.Tensor]], Callable]:
+    """The timed candidates of a deform_conv2d layer, and the untimed call to run before each."""
     import torchvision  # noqa: PLC0415
 
     kw = _conv_kwargs(wl)
@@ -143,18 +148,20 @@ def _conv_candidates(wl: Workload, mode: str, schedules) -> dict[str, Callable[[
     out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(x, off, w, b, mask=m, **kw))
     groups = wl["in_channels"] // ConvGeometry(wl).group_in_channels
     out["dense conv2d"] = run(lambda: torch.nn.functional.conv2d(x, w, b, groups=groups, **kw))
-    return out
+    # Every timed call follows the same untimed work, the layer's offset convolution on both
+    # cores, as in a network: a core left idle (torchvision samples on one) costs the next kernel
+    # ~0.3-0.7 ms here on this shared host (its vCPU descheduled, its caches reused meanwhile).
+    return out, _offset_conv(wl, x)
 
 
-def _offset_conv(wl: Workload) -> Callable[[], torch.Tensor]:
-    """The convolution that predicts the layer's offsets (and mask) from its input, as it runs
-    right before the deformable layer in a DCN network (untimed, before every timed call)."""
+def _offset_conv(wl: Workload, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The convolution that predicts the layer's offsets (and mask) from its input ``x``, as it
+    runs right before the deformable layer in a DCN network (untimed, before every timed call)."""
     geo = ConvGeometry(wl)
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(geo.batch, geo.in_channels, geo.height, geo.width, generator=generator,
-                    dtype=getattr(torch, geo.dtype))
     channels = (3 if geo.with_mask else 2) * geo.offset_groups * geo.taps
-    w = torch.randn(channels, geo.in_channels, geo.kernel_h, geo.kernel_w, generator=generator, dtype=x.dtype)
+    w = torch.randn(channels, geo.in_channels, geo.kernel_h, geo.kernel_w, generator=torch.Generator().manual_seed(2),
+                    dtype=x.dtype) / math.sqrt(geo.in_channels * geo.taps)
+    x = x.detach()
     kw = _conv_kwargs(wl)
 
     def call():
@@ -163,7 +170,8 @@ def _offset_conv(wl: Workload) -> Callable[[], torch.Tensor]:
     return call
 
 
-def _roi_align_candidates(wl: Workload, mode: str, schedules) -> dict[str, Callable[[], torch.Tensor]]:
+def _roi_align_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str, Callable[[], torch.Tensor]], None]:
+    """The timed candidates of a RoI Align head (no untimed prelude)."""
     import torchvision  # noqa: PLC0415
 
     from . import roi  # noqa: PLC0415
@@ -175,7 +183,7 @@ def _roi_align_candidates(wl: Workload, mode: str, schedules) -> dict[str, Calla
     args = (x, boxes, wl["output_size"], scale, wl["sampling_ratio"], wl["aligned"])
     out = {f"tvm-dcn {s}": _forced(run(lambda: roi.roi_align(*args)), s) for s in schedules}
     out["torchvision"] = run(lambda: torchvision.ops.roi_align(*args))
-    return out
+    return out, None
 
 
 def case_name(wl: Workload) -> str:
@@ -190,11 +198,7 @@ def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeat
     """Time one layer (a deform_conv2d or roi_align forward workload) in one mode."""
     result = CaseResult(case_name(wl), mode, count)
     factory = _conv_candidates if wl.op == FORWARD else _roi_align_candidates
-    candidates = factory(wl, mode, schedules)
-    # Every timed call follows the same untimed work, the layer's offset convolution on both
-    # cores, as in a network: a core left idle (torchvision samples on one) costs the next kernel
-    # ~0.3-0.7 ms here on this shared host (its vCPU descheduled, its caches reused meanwhile).
-    prelude = _offset_conv(wl) if wl.op == FORWARD else None
+    candidates, prelude = factory(wl, mode, schedules)
     reference = candidates["torchvision"]().detach().clone()
     usable = {}
     for name, fn in candidates.items():
@@ -212,16 +216,22 @@ def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeat
             fn()
     samples: dict[str, list[float]] = {name: [] for name in usable}
     names = list(usable)
-    order = random.Random(0)
+    # Between repeats, untimed, the dense convolution of the layer (a network's previous layer):
+    # each candidate comes first in one order of the design, so each follows it equally often.
+    separator = usable.get("dense conv2d")
     for i in range(repeats):
-        # Interleaved, so noise hits every candidate alike, in a fresh random order each repeat,
-        # so every candidate follows every other alike (warm caches: measured here, a forward ran
-        # 0.6-1 ms faster right after another forward of the same layer than after other work; a
-        # rotated fixed order keeps each candidate's predecessor and measured that bias).
-        order.shuffle(names)
-        for name in names:
-            if name in slow and i >= slow_repeats:
-                continue
+        # Interleaved, so noise hits every candidate alike, in the orders of a balanced design,
+        # so every candidate follows every other equally often: what ran just before matters here
+        # (a forward ran 0.6-1 ms faster right after another forward of the same layer than after
+        # other work, 0.2-0.3 ms slower right after torchvision's mostly single-threaded one; a
+        # rotated fixed order, one random sequence reused for every layer, and the design without
+        # the separator each favoured a candidate: identical hand and tuned code timed 3-7% apart).
+        active = [name for name in names if not (name in slow and i >= slow_repeats)]
+        design = balanced_orders(len(active))
+        if separator is not None:
+            separator()
+        for index in design[i % len(design)]:
+            name = active[index]
             fn = usable[name]
             if prelude is not None:
                 prelude()
@@ -231,6 +241,20 @@ def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeat
     result.times_ms = {name: statistics.median(ts) for name, ts in samples.items()}
     log(format_case(result))
     return result
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which each candidate directly follows each other one equally
+    often (a Williams design: n orders for even n, 2n for odd n)."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(x + shift) % n for x in first] for shift in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
 
 
 def format_case(result: CaseResult) -> str:
