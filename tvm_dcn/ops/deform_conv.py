@@ -38,7 +38,7 @@ The forward columns come in two formulations (workload parameter ``columns``):
   vectors (C/OG a multiple of ``SPATIAL_ALIGN``), else gather. Measured here (ResNet-50 DCN
   layers, 2 Zen 3 cores, whole forward kernels): channels-last 14-25% faster at 784 and 196
   pixels, 1-5% at 49 pixels x 512 channels. (An earlier channels-last formulation ordered the
-  rows tap-major and reordered the weight to match on every call: 20-25% slower than gather
+  rows tap-major and reordered the weight to match on every call: 18-29% slower than gather
   on the 512-channel layers, whose weight is 9.4 MB.) GPU workloads get ``"gather"``
   (``ops.for_target``: what the CUDA GEMM tiles stage).
 
