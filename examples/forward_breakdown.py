@@ -2,10 +2,10 @@
 
 The forward kernel is sampling (coordinates, bilinear corners, deformable im2col; in the
 channels-last formulation also the input's transposition) followed by a GEMM. This builds the two
-parts as separate kernels with the CPU hand schedule's own pieces and times them on random data (offsets ~ N(0, 2),
-as ``tvm-dcn bench``), next to ``torch.mm`` (MKL / oneDNN sgemm) of the same GEMM shape and a
-large square sgemm, the practical FLOP ceiling here. A layer can run no faster than its GEMM, so
-this bounds what any forward schedule can reach.
+parts as separate kernels with the CPU hand schedule's own pieces and times them on random data
+(offsets ~ N(0, 2), as ``tvm-dcn bench``), next to ``torch.mm`` (MKL / oneDNN sgemm) of the same
+GEMM shape and a large square sgemm, the practical FLOP ceiling here. A layer can run no faster
+than its GEMM, so this bounds what any forward schedule can reach.
 
     python examples/forward_breakdown.py [--workloads resnet50-dcn-224]
 """
@@ -24,7 +24,7 @@ from tvm import te
 from tvm_dcn import schedules, workloads
 from tvm_dcn.bench import layer_name
 from tvm_dcn.ops.deform_conv import (COLUMNS_GATHER, FORWARD, ConvGeometry, Placeholders, columns_formulation,
-                                     forward_columns, sampling_stages)
+                                     forward_columns, forward_gemm, sampling_stages)
 from tvm_dcn.target import as_target
 from tvm_dcn.schedules import cpu_common, cpu_deform_conv2d
 
@@ -46,16 +46,11 @@ def gemm_kernel(wl, target):
     geo = ConvGeometry(wl)
     weight = te.placeholder((geo.out_channels, geo.reduction), geo.dtype, name="weight")
     if columns_formulation(wl) == COLUMNS_GATHER:
-        columns = te.placeholder((geo.batch, geo.reduction, geo.padded_pixels), geo.dtype, name="columns")
-        r = te.reduce_axis((0, geo.reduction), name="r")
-        product = lambda n, co, p: te.sum(weight[co, r] * columns[n, r, p], axis=r)  # noqa: E731
+        shape = (geo.batch, geo.reduction, geo.padded_pixels)
     else:
-        columns = te.placeholder((geo.batch, geo.in_channels, geo.taps, geo.padded_pixels), geo.dtype,
-                                 name="columns")
-        rc, rk = te.reduce_axis((0, geo.in_channels), name="rc"), te.reduce_axis((0, geo.taps), name="rk")
-        product = lambda n, co, p: te.sum(weight[co, rc * geo.taps + rk] * columns[n, rc, rk, p],  # noqa: E731
-                                          axis=[rc, rk])
-    gemm = te.compute((geo.batch, geo.out_channels, geo.padded_pixels), product, name="gemm")
+        shape = (geo.batch, geo.in_channels, geo.taps, geo.padded_pixels)
+    columns = te.placeholder(shape, geo.dtype, name="columns")
+    gemm = forward_gemm(geo, weight, columns)
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([weight, columns, gemm])}))
     lanes = cpu_deform_conv2d._geometry(wl, target)[1]
     cpu_common.blocked_gemm(sch, "gemm", group_rows=geo.out_channels, batch_rows=geo.batch * geo.out_channels,

@@ -103,16 +103,15 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     # the block, where the other order streams all the columns once per row tile. Measured here:
     # the 128-channel forward and backward-data kernels 9-12% faster; with one-vector tiles
     # (narrower stripes, more weight traffic) it was 6-9% slower, so those keep rows outside.
-    stripes_outside = pixel_vectors % 2 == 0
-    inner = row_mid if stripes_outside else p_mid
-    sch.reorder(n, row_outer, p_outer, *((p_mid, row_mid) if stripes_outside else (row_mid, p_mid)), *reduction, *tile)
+    middle = (p_mid, row_mid) if pixel_vectors % 2 == 0 else (row_mid, p_mid)
+    sch.reorder(n, row_outer, p_outer, *middle, *reduction, *tile)
     sch.parallel(sch.fuse(n, row_outer, p_outer))
     if epilogue is None:
         accumulator = sch.cache_write(gemm, 0, "local")
     else:
         sch.set_scope(gemm, 0, "local")
         accumulator = sch.get_sblock(epilogue)
-    sch.reverse_compute_at(accumulator, inner)
+    sch.reverse_compute_at(accumulator, middle[-1])
     for loop in tile[:-1]:
         sch.unroll(loop)
     sch.vectorize(p_inner)  # before decompose_reduction: it needs the complete reduction block

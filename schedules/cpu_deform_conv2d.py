@@ -64,10 +64,10 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     tile = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(tile, k)
     sch.unroll(p_inner)
-    sch.vectorize(c_inner)
+    sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
     tile_rows, tile_pixels = sch.get_loops(tile)[-2:]
     sch.unroll(tile_rows)
-    sch.vectorize(tile_pixels)
+    sch.vectorize(tile_pixels)  # stored along pixels: LLVM transposes the tile in registers
 
 
 def forward_columns(sch: Schedule, workload, geo, lanes: int) -> None:

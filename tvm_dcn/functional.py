@@ -17,7 +17,6 @@ a ``Library`` operator ~12 us, against 2-3 ms for a whole forward layer.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -254,9 +253,9 @@ def _(input, offset, weight, bias, mask, stride, padding, dilation):
 
 @_implements("deform_conv2d_backward")
 def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
-                 mask: Optional[torch.Tensor], with_bias: bool, stride: list[int], padding: list[int],
-                 dilation: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor, torch.Tensor]:
+                   mask: Optional[torch.Tensor], with_bias: bool, stride: list[int], padding: list[int],
+                   dilation: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor, torch.Tensor]:
     """Gradients (input, offset, mask, weight, bias) for the flags ``needs``; a gradient that is
     not needed (or a mask/bias that does not exist) comes back as an empty tensor."""
     need_input, need_offset, need_mask, need_weight, need_bias = needs

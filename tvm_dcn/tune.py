@@ -481,7 +481,8 @@ def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -
                                                ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
         task.best_seconds = seconds
         if hand is not None:
-            task.hand_seconds = next((m[0] for m in measured if str(m[1]) == str(hand)), task.hand_seconds)
+            if hand_measured is not None:
+                task.hand_seconds = hand_measured[0]
             task.best_is_hand = str(trace) == str(hand)
 
 

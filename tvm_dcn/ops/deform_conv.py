@@ -17,13 +17,14 @@ The computation is split into stages so it schedules like a GEMM:
                                          invalid samples get the sentinel -2 (outside every image).
 2. ``corner_index``   (N, OG, K, 4, P')  flat index of each bilinear corner, clamped in range,
    ``corner_weight``  (N, OG, K, 4, P')  its bilinear weight (times the mask), 0 when out of bounds.
-3. ``deform_col``     (N, C*K, P')       deformable im2col: 4 corner reads per (channel, tap, pixel).
+3. ``deform_col``     (N, C*K, P')       deformable im2col: 4 corner reads per (channel, tap, pixel)
+                                         ((N, C, K, P') in the channels-last formulation).
 4. ``gemm``           (N, Cout, P')      weight (Cout, C/groups*K) x columns, per group.
 5. output             (N, Cout, P)       drops the padding, adds the bias.
 
 K = KH*KW, P = OH*OW output pixels, P' = P rounded up to a multiple of ``SPATIAL_ALIGN`` so the
-pixel axis vectorises without tails (of twice that where cheap: ``padded_pixels``). Coordinates and weights are computed once per (tap, pixel)
-and reused by every channel of the offset group.
+pixel axis vectorises without tails (of twice that where cheap: ``padded_pixels``). Coordinates
+and weights are computed once per (tap, pixel) and reused by every channel of the offset group.
 
 The forward columns come in two formulations (workload parameter ``columns``):
 
@@ -293,6 +294,26 @@ class Placeholders:
         return [self.data, self.offset] + ([self.mask] if self.mask is not None else [])
 
 
+def forward_gemm(geo: ConvGeometry, weight: te.Tensor, columns: te.Tensor) -> te.Tensor:
+    """Stage 4: (N, Cout, P') weight x columns per group, for either column layout: (N, C*K, P')
+    (gather) or (N, C, K, P') (channels-last; the reduction then runs over channel and tap)."""
+    if len(columns.shape) == 4:
+        rc = te.reduce_axis((0, geo.group_in_channels), name="rc")
+        rk = te.reduce_axis((0, geo.taps), name="rk")
+        return te.compute(
+            (geo.batch, geo.out_channels, geo.padded_pixels),
+            lambda n, co, p: te.sum(
+                weight[co, rc * geo.taps + rk]
+                * columns[n, (co // geo.group_out_channels) * geo.group_in_channels + rc, rk, p], axis=[rc, rk]),
+            name="gemm")
+    r = te.reduce_axis((0, geo.reduction), name="r")
+    return te.compute(
+        (geo.batch, geo.out_channels, geo.padded_pixels),
+        lambda n, co, p: te.sum(
+            weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
+        name="gemm")
+
+
 @register(FORWARD, gpu_params={"columns": COLUMNS_GATHER})
 def build_forward(wl: Workload) -> OperatorDef:
     """Kernel arguments: input, offset, [mask], weight, [bias] -> output (N, Cout, P)."""
@@ -300,23 +321,7 @@ def build_forward(wl: Workload) -> OperatorDef:
     t = Placeholders(geo, geo.with_bias)
     corner_index, corner_weight = sampling_stages(geo, t.offset, t.mask)
     columns = forward_columns(wl, geo, t.data, corner_index, corner_weight)
-    weight = t.weight
-    if len(columns.shape) == 4:  # channels_last: (N, C, K, P')
-        rc = te.reduce_axis((0, geo.group_in_channels), name="rc")
-        rk = te.reduce_axis((0, geo.taps), name="rk")
-        gemm = te.compute(
-            (geo.batch, geo.out_channels, geo.padded_pixels),
-            lambda n, co, p: te.sum(
-                weight[co, rc * geo.taps + rk]
-                * columns[n, (co // geo.group_out_channels) * geo.group_in_channels + rc, rk, p], axis=[rc, rk]),
-            name="gemm")
-    else:
-        r = te.reduce_axis((0, geo.reduction), name="r")
-        gemm = te.compute(
-            (geo.batch, geo.out_channels, geo.padded_pixels),
-            lambda n, co, p: te.sum(
-                weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
-            name="gemm")
+    gemm = forward_gemm(geo, t.weight, columns)
     if t.bias is None:
         out = te.compute((geo.batch, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p],
                          name="output")
