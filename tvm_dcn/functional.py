@@ -10,9 +10,10 @@ implementations for ``torch.compile``), and :class:`DeformConv2dFunction` wires 
 backward kernels into autograd. Backward kernels compute only the gradients autograd asks for.
 
 The operators are defined with ``torch.library.Library`` and implemented for the CPU and CUDA
-dispatch keys rather than with the ``torch.library.custom_op`` decorator: measured here, a
-``custom_op`` call costs ~130 us of dispatch in eager mode (its autograd and tracing wrappers),
-a ``Library`` operator ~12 us, against 2-3 ms for a whole forward layer.
+dispatch keys rather than with the ``torch.library.custom_op`` decorator: measured here side by
+side (no-op operators), a ``custom_op`` call costs 20 us of eager dispatch back to back and 100 us
+right after a 2 ms kernel (its autograd and tracing wrappers run on cold caches), a ``Library``
+operator 6.5 us and 41 us, a plain Python call 3 us and 15 us.
 """
 from __future__ import annotations
 
