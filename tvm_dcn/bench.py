@@ -125,12 +125,10 @@ def _runner(leaves: dict, backward: bool):
     return run
 
 
-def _forced(fn, schedule):
-    """``fn`` (forward, or forward and backward) with every kernel it builds from ``schedule``."""
-    def call():
-        with forced_schedule(schedule):
-            return fn()
-    return call
+def _schedule_of(name: str) -> Optional[str]:
+    """The schedule source a candidate forces on its kernels ("tvm-dcn hand" -> "hand"), else None.
+    Forced around the timed call, not inside it: the user's call is what is timed."""
+    return name[len("tvm-dcn "):] if name.startswith("tvm-dcn ") else None
 
 
 def _conv_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str, Callable[[], torch.Tensor]], Callable]:
@@ -143,8 +141,7 @@ def _conv_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str, Call
               for k, v in _inputs(wl, torch.Generator().manual_seed(0)).items()}
     run = _runner(leaves, backward)
     x, off, w, b, m = (leaves[k] for k in ("input", "offset", "weight", "bias", "mask"))
-    out = {f"tvm-dcn {s}": _forced(run(lambda: _functional.deform_conv2d(x, off, w, b, mask=m, **kw)), s)
-           for s in schedules}
+    out = {f"tvm-dcn {s}": run(lambda: _functional.deform_conv2d(x, off, w, b, mask=m, **kw)) for s in schedules}
     out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(x, off, w, b, mask=m, **kw))
     groups = wl["in_channels"] // ConvGeometry(wl).group_in_channels
     out["dense conv2d"] = run(lambda: torch.nn.functional.conv2d(x, w, b, groups=groups, **kw))
@@ -181,7 +178,7 @@ def _roi_align_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str,
     leaves = {"input": x.requires_grad_(backward)}
     run = _runner(leaves, backward)
     args = (x, boxes, wl["output_size"], scale, wl["sampling_ratio"], wl["aligned"])
-    out = {f"tvm-dcn {s}": _forced(run(lambda: roi.roi_align(*args)), s) for s in schedules}
+    out = {f"tvm-dcn {s}": run(lambda: roi.roi_align(*args)) for s in schedules}
     out["torchvision"] = run(lambda: torchvision.ops.roi_align(*args))
     return out, None
 
@@ -193,54 +190,89 @@ def case_name(wl: Workload) -> str:
             f"{wl['output_size'][0]}x{wl['output_size'][1]} s{wl['sampling_ratio']}")
 
 
+class _Case:
+    """One layer (a deform_conv2d or roi_align forward workload) in one mode: its candidates, set
+    up, checked against torchvision and warmed up on construction, then timed one repeat at a time
+    (:meth:`repeat`), so that the repeats of several cases can be interleaved."""
+
+    def __init__(self, wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, slow_repeats: int = 3,
+                 warmup: int = 2):
+        self.result = CaseResult(case_name(wl), mode, count)
+        factory = _conv_candidates if wl.op == FORWARD else _roi_align_candidates
+        candidates, self.prelude = factory(wl, mode, schedules)
+        reference = candidates["torchvision"]().detach().clone()
+        self.usable = {}
+        for name, fn in candidates.items():
+            try:
+                with forced_schedule(_schedule_of(name)):
+                    value = fn()  # compiles the kernels (and checks the schedule source exists)
+            except LookupError:
+                continue  # e.g. no tuning record for this layer on this machine
+            if name.startswith("tvm-dcn"):
+                self.result.max_abs_err[name] = (value - reference).abs().max().item()
+            self.usable[name] = fn
+        # The untuned default is orders of magnitude slower: fewer repeats.
+        self.slow = {name for name in self.usable if name.endswith("default")}
+        self.slow_repeats = slow_repeats
+        for name, fn in self.usable.items():
+            with forced_schedule(_schedule_of(name)):
+                for _ in range(1 if name in self.slow else warmup):
+                    fn()
+        self.samples: dict[str, list[float]] = {name: [] for name in self.usable}
+        # Between repeats, untimed, the dense convolution of the layer (a network's previous layer):
+        # each candidate comes first in one order of the design, so each follows it equally often.
+        self.separator = self.usable.get("dense conv2d")
+
+    def repeat(self, i: int) -> None:
+        """Repeat ``i``: every candidate once, timed. Interleaved, so noise hits every candidate
+        alike, in the orders of a balanced design, so every candidate follows every other equally
+        often: what ran just before matters here (a forward ran 0.6-1 ms faster right after
+        another forward of the same layer than after other work, 0.2-0.3 ms slower right after
+        torchvision's mostly single-threaded one; a rotated fixed order, one random sequence reused
+        for every layer, and the design without the separator each favoured a candidate:
+        identical hand and tuned code timed 3-7% apart)."""
+        active = [name for name in self.usable if not (name in self.slow and i >= self.slow_repeats)]
+        design = balanced_orders(len(active))
+        if self.separator is not None:
+            self.separator()
+        for index in design[i % len(design)]:
+            name = active[index]
+            fn = self.usable[name]
+            with forced_schedule(_schedule_of(name)):
+                if self.prelude is not None:
+                    self.prelude()
+                start = time.perf_counter()
+                fn()
+                self.samples[name].append((time.perf_counter() - start) * 1e3)
+
+    def finish(self) -> CaseResult:
+        self.result.times_ms = {name: statistics.median(ts) for name, ts in self.samples.items()}
+        return self.result
+
+
 def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeats: int = 20,
              slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> CaseResult:
     """Time one layer (a deform_conv2d or roi_align forward workload) in one mode."""
-    result = CaseResult(case_name(wl), mode, count)
-    factory = _conv_candidates if wl.op == FORWARD else _roi_align_candidates
-    candidates, prelude = factory(wl, mode, schedules)
-    reference = candidates["torchvision"]().detach().clone()
-    usable = {}
-    for name, fn in candidates.items():
-        try:
-            value = fn()  # compiles the kernels (and checks the schedule source exists)
-        except LookupError:
-            continue  # e.g. no tuning record for this layer on this machine
-        if name.startswith("tvm-dcn"):
-            result.max_abs_err[name] = (value - reference).abs().max().item()
-        usable[name] = fn
-    # The untuned default is orders of magnitude slower: fewer repeats.
-    slow = {name for name in usable if name.endswith("default")}
-    for name, fn in usable.items():
-        for _ in range(1 if name in slow else warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in usable}
-    names = list(usable)
-    # Between repeats, untimed, the dense convolution of the layer (a network's previous layer):
-    # each candidate comes first in one order of the design, so each follows it equally often.
-    separator = usable.get("dense conv2d")
+    return run_cases([(wl, count)], mode, schedules=schedules, repeats=repeats, slow_repeats=slow_repeats,
+                     warmup=warmup, log=log)[0]
+
+
+def run_cases(layers: list[tuple[Workload, int]], mode: str, *, schedules=SCHEDULES, repeats: int = 20,
+              slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> list[CaseResult]:
+    """Time several layers in one mode, their repeats interleaved: repeat ``i`` of every layer
+    (in a rotating order) before repeat ``i + 1`` of any. Timed one layer after the other, a burst
+    of load on this shared host lasting one layer's few seconds hit that layer alone (the
+    forward geomean over torchvision of three consecutive runs: 2.99x, 4.09x, 3.35x); spread over
+    the whole run, it hits every layer alike and the median of each sheds it."""
+    cases = [_Case(wl, count, mode, schedules=schedules, slow_repeats=slow_repeats, warmup=warmup)
+             for wl, count in layers]
     for i in range(repeats):
-        # Interleaved, so noise hits every candidate alike, in the orders of a balanced design,
-        # so every candidate follows every other equally often: what ran just before matters here
-        # (a forward ran 0.6-1 ms faster right after another forward of the same layer than after
-        # other work, 0.2-0.3 ms slower right after torchvision's mostly single-threaded one; a
-        # rotated fixed order, one random sequence reused for every layer, and the design without
-        # the separator each favoured a candidate: identical hand and tuned code timed 3-7% apart).
-        active = [name for name in names if not (name in slow and i >= slow_repeats)]
-        design = balanced_orders(len(active))
-        if separator is not None:
-            separator()
-        for index in design[i % len(design)]:
-            name = active[index]
-            fn = usable[name]
-            if prelude is not None:
-                prelude()
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    result.times_ms = {name: statistics.median(ts) for name, ts in samples.items()}
-    log(format_case(result))
-    return result
+        for j in range(len(cases)):
+            cases[(i + j) % len(cases)].repeat(i)
+    results = [case.finish() for case in cases]
+    for result in results:
+        log(format_case(result))
+    return results
 
 
 def balanced_orders(n: int) -> list[list[int]]:
@@ -369,8 +401,9 @@ def run(workload_set: str = "resnet50-dcn-224", *, modes=MODES, schedules=SCHEDU
     """Benchmark every layer of ``workload_set``; write ``<output_dir>/<tag>/bench.*`` unless None."""
     env = environment()
     log(f"target {env['target_tag']} ({env['processor']}), torch {env['torch']}, {env['torch_threads']} threads")
-    results = [run_case(wl, count, mode, schedules=schedules, repeats=repeats, log=log)
-               for wl, count in layers_of(load(workload_set)) for mode in modes]
+    layers = layers_of(load(workload_set))
+    results = [result for mode in modes
+               for result in run_cases(layers, mode, schedules=schedules, repeats=repeats, log=log)]
     table = markdown_table(results, workload_set)
     log("\n" + table)
     if output_dir:

@@ -166,10 +166,20 @@ def forced_schedule(source: Optional[str]):
         _preferred_schedule.source = previous
 
 
+_clear_callbacks: list = []
+
+
+def on_clear_memory_cache(callback) -> None:
+    """Calls ``callback()`` whenever :func:`clear_memory_cache` runs (for caches holding kernels)."""
+    _clear_callbacks.append(callback)
+
+
 def clear_memory_cache() -> None:
     """Forget kernels compiled or loaded by this process (the disk cache is kept)."""
     with _memory_lock:
         _memory_cache.clear()
+        for callback in _clear_callbacks:
+            callback()
 
 
 def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional[str] = None,
