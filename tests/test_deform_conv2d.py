@@ -479,3 +479,95 @@ def test_padded_pixels_rounds_to_whole_vectors_and_pairs_them_when_cheap():
         padded = padded_pixels(pixels)
         assert padded % SPATIAL_ALIGN == 0 and 0 <= padded - pixels < 2 * SPATIAL_ALIGN
         assert padded == -(-pixels // SPATIAL_ALIGN) * SPATIAL_ALIGN or 10 * padded <= 11 * pixels
+
+
+# ------------------------------------------------------------------------------------------
+# The eager fast path (``functional._eager_plans``): calls like one validated before run the
+# kernel directly, skipping validation and the operator dispatch, only where that is invisible.
+
+FAST_CFG = Config(batch=1, in_channels=4, height=7, width=11, out_channels=6, kernel=3, padding=1, bias=True,
+                  mask=True)
+
+
+def _fast_inputs(generator):
+    return make_inputs(FAST_CFG, generator)
+
+
+def _fast_call(inputs):
+    return tvm_dcn.deform_conv2d(inputs["input"], inputs["offset"], inputs["weight"], inputs["bias"],
+                                 mask=inputs["mask"], padding=1)
+
+
+def _forbid_operator(monkeypatch):
+    from tvm_dcn import functional  # noqa: PLC0415
+
+    def forbidden(*args):
+        raise AssertionError("went through torch.ops.tvm_dcn")
+    monkeypatch.setattr(functional, "_forward_op", forbidden)
+
+
+def test_repeated_call_runs_the_kernel_without_the_operator(generator, monkeypatch):
+    """After one validated call, a call with new tensors of the same shapes (and a misaligned,
+    non-contiguous input) bypasses the operator and still matches torchvision."""
+    from tvm_dcn import functional  # noqa: PLC0415
+
+    with torch.no_grad():
+        _fast_call(_fast_inputs(generator))
+    assert any(key[0] == torch.Size([1, 4, 7, 11]) for key in functional._eager_plans)
+    _forbid_operator(monkeypatch)
+    inputs = _fast_inputs(generator)
+    with torch.no_grad():
+        assert_matches(_fast_call(inputs), _oracle(FAST_CFG, inputs), FAST_CFG.dtype)
+    wide = make_inputs(Config(**{**FAST_CFG.__dict__, "width": 12}), generator)["input"]
+    inputs["input"] = wide[:, :, :, 1:]  # a misaligned view of the same shape
+    assert inputs["input"].data_ptr() % 64 and not inputs["input"].is_contiguous()
+    assert_matches(_fast_call(inputs), _oracle(FAST_CFG, inputs), FAST_CFG.dtype)
+
+
+def test_fast_path_steps_aside_for_autograd_modes_and_recording(generator, monkeypatch):
+    """Where the operator must be seen (autograd, a dispatch mode, a workload recorder), calls go
+    through it even when a plan exists."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    inputs = _fast_inputs(generator)
+    with torch.no_grad():
+        expected = _fast_call(inputs)
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with OpLog() as log, torch.no_grad():
+        torch.testing.assert_close(_fast_call(inputs), expected)
+    assert any("tvm_dcn.deform_conv2d_forward" in op for op in log.ops)
+    with tvm_dcn.workloads.record() as recorder, torch.no_grad():
+        _fast_call(inputs)
+    assert [wl.op for wl in recorder.workloads] == ["deform_conv2d"]
+
+    _forbid_operator(monkeypatch)
+    with pytest.raises(AssertionError, match="torch.ops"):
+        _fast_call(dict(inputs, weight=inputs["weight"].clone().requires_grad_()))
+    with torch.no_grad():  # no grad mode: requires_grad does not matter
+        torch.testing.assert_close(_fast_call(dict(inputs, weight=inputs["weight"].clone().requires_grad_())),
+                                   expected)
+
+
+def test_fast_path_follows_the_forced_schedule_and_the_kernel_cache(generator):
+    from tvm_dcn import functional  # noqa: PLC0415
+    from tvm_dcn.kernel import forced_schedule  # noqa: PLC0415
+
+    inputs = _fast_inputs(generator)
+    with torch.no_grad():
+        expected = _fast_call(inputs)
+        with forced_schedule("default"):
+            torch.testing.assert_close(_fast_call(inputs), expected)
+    sources = {key[-1]: plan.kernel.schedule_source for key, plan in functional._eager_plans.items()
+               if key[0] == torch.Size([1, 4, 7, 11])}
+    assert sources["default"] == "default" and sources[None] in ("tuned", "hand")
+    tvm_dcn.clear_memory_cache()
+    assert not functional._eager_plans

@@ -143,6 +143,17 @@ def test_bad_call_raises_naming_argument(case_id, build, match):
         call(args)
 
 
+def test_bad_calls_raise_after_the_base_call_is_cached():
+    """A validated call leaves a plan that lets calls of the same signature skip validation: no
+    bad call may pass for it (the no-grad fast path, ``functional._eager_plans``)."""
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            call(base_args())
+            for case_id, build, match in CASES:
+                with pytest.raises((ValueError, TypeError), match=match):
+                    call(build())
+
+
 def test_output_empty_case_offsets_are_otherwise_valid():
     """The empty-output cases are only wrong in their output size (sanity of the case table)."""
     from tvm_dcn.ops.deform_conv import output_size
