@@ -178,3 +178,35 @@ def test_balanced_orders_are_permutations_with_every_succession_equally_often(n)
     assert all(sorted(order) == list(range(n)) for order in orders)
     pairs = collections.Counter(pair for order in orders for pair in zip(order, order[1:]))
     assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
+
+
+def test_layers_repeats_are_interleaved(monkeypatch):
+    """run_cases times repeat i of every layer (in a rotating order) before repeat i + 1 of any,
+    so that a burst of load on the host hits every layer alike."""
+    import torch  # noqa: PLC0415
+
+    events = []
+
+    def candidates(wl, mode, schedules):
+        def make(name):
+            def call():
+                events.append((wl["in_channels"], name))
+                return torch.zeros(1)
+            return call
+        return {name: make(name) for name in ("tvm-dcn hand", "torchvision", "dense conv2d")}, None
+
+    monkeypatch.setattr(bench, "_conv_candidates", candidates)
+    layers = [(forward_workload(batch=1, in_channels=c, height=6, width=5, out_channels=4, kernel_size=(3, 3),
+                                padding=(1, 1), with_mask=True), 1) for c in (4, 8, 12)]
+    repeats = 4
+    results = bench.run_cases(layers, "forward", repeats=repeats, warmup=0, log=lambda line: None)
+    assert [r.layer for r in results] == [bench.case_name(wl) for wl, _ in layers]
+    assert all(len(r.times_ms) == 3 for r in results)
+    # After set-up (each layer's reference, then its candidates once), blocks of 1 separator + 3
+    # timed calls per layer.
+    timed = events[3 * 4:]
+    blocks = [timed[4 * i:4 * i + 4] for i in range(len(timed) // 4)]
+    assert len(blocks) == repeats * 3
+    layer_order = [block[0][0] for block in blocks]
+    assert all(block[0][1] == "dense conv2d" and {c for c, _ in block} == {block[0][0]} for block in blocks)
+    assert layer_order == [4, 8, 12, 8, 12, 4, 12, 4, 8, 4, 8, 12]

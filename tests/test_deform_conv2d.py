@@ -571,3 +571,17 @@ def test_fast_path_follows_the_forced_schedule_and_the_kernel_cache(generator):
     assert sources["default"] == "default" and sources[None] in ("tuned", "hand")
     tvm_dcn.clear_memory_cache()
     assert not functional._eager_plans
+
+
+def test_torch_compile_fullgraph_traces_the_operator(generator):
+    """Under torch.compile the fast path stays out of the way: the call is traced (fullgraph) as
+    the registered operator, with and without autograd."""
+    inputs = _fast_inputs(generator)
+    with torch.no_grad():
+        _fast_call(inputs)  # a plan exists: tracing must still not take the eager path
+    compiled = torch.compile(lambda inputs: _fast_call(inputs) * 2, fullgraph=True)
+    with torch.no_grad():
+        assert_matches(compiled(inputs) / 2, _oracle(FAST_CFG, inputs), FAST_CFG.dtype)
+    weight = inputs["weight"].clone().requires_grad_()
+    compiled(dict(inputs, weight=weight)).sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0

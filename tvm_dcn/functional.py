@@ -105,6 +105,8 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
     """The plan key of a call that may bypass the operator: plain tensors, nothing to differentiate,
     no tracing, no dispatch or function mode that must see the operator, no workload recorder;
     None otherwise (the call goes through ``torch.ops.tvm_dcn``)."""
+    if torch.compiler.is_compiling():  # first: TorchDynamo cannot trace the checks below
+        return None
     if (type(input) is not _Tensor or type(offset) is not _Tensor or type(weight) is not _Tensor
             or (bias is not None and type(bias) is not _Tensor) or (mask is not None and type(mask) is not _Tensor)):
         return None
@@ -112,8 +114,7 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
                                     or (bias is not None and bias.requires_grad)
                                     or (mask is not None and mask.requires_grad)):
         return None
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch.compiler.is_compiling() or _workloads._active_recorders):
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or _workloads._active_recorders:
         return None
     conv = (_int_or_pair(stride), _int_or_pair(padding), _int_or_pair(dilation))
     if None in conv:
