@@ -5,7 +5,8 @@ run interleaved in one process (so machine noise hits them alike), each through 
 PyTorch entry point:
 
 * ``tvm-dcn default`` / ``tvm-dcn hand`` / ``tvm-dcn tuned``: :func:`tvm_dcn.deform_conv2d` with
-  every kernel forced to that schedule source (``tuned`` is skipped where a kernel has no record);
+  every kernel forced to that schedule source (``tuned`` is skipped where a kernel has no record;
+  the source is set around the timed call, so the time is the user's call alone);
 * ``torchvision``: ``torchvision.ops.deform_conv2d`` (``roi_align``);
 * ``dense conv2d``: ``torch.nn.functional.conv2d`` of the same shape (oneDNN here): the floor a
   deformable convolution, which also samples its input, cannot beat.
@@ -15,7 +16,9 @@ each candidate directly follows each other one equally often (and, first in a re
 untimed dense convolution run between repeats), and every timed
 deformable-conv call right after the layer's offset convolution (untimed), as in a DCN network:
 what ran just before changes a kernel's time by up to ~0.7 ms here (a core left idle, as during
-torchvision's single-threaded sampling, is slow to come back on this shared host).
+torchvision's single-threaded sampling, is slow to come back on this shared host). The layers'
+repeats are interleaved too (repeat i of every layer before repeat i + 1 of any), so that a burst
+of load on the host, which can last a few seconds, hits every layer alike.
 
 RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 

@@ -14,6 +14,14 @@ dispatch keys rather than with the ``torch.library.custom_op`` decorator: measur
 side (no-op operators), a ``custom_op`` call costs 20 us of eager dispatch back to back and 100 us
 right after a 2 ms kernel (its autograd and tracing wrappers run on cold caches), a ``Library``
 operator 6.5 us and 41 us, a plain Python call 3 us and 15 us.
+
+Eager calls without autograd skip even that: :func:`deform_conv2d` keeps a plan (kernel and
+argument shapes) per validated call signature and runs the kernel directly when a call matches one
+(plain tensors, nothing to differentiate, no tracing, dispatch or function mode, no workload
+recorder; anything else goes through the operator). Right after other work every new torch call
+runs on cold caches here, so each one counts: measured side by side, each call right after the
+layer's offset convolution, the direct call took 0.23-0.25 ms less than validation plus the
+operator (ResNet-50 DCN layers of 2.3-2.9 ms).
 """
 from __future__ import annotations
 
@@ -92,9 +100,8 @@ def kernel_arg(t: torch.Tensor) -> torch.Tensor:
 
 
 # Eager calls without autograd run the kernel directly, and calls like one validated before skip
-# the validation: the plans of validated calls, keyed by everything the validation looked at.
-# Measured here right after a torch conv2d (cold caches), the way through the checks, the
-# dispatcher and the kernel lookup cost 290 us a call on a 2 ms kernel.
+# the validation: the plans of validated calls, keyed by everything the validation looked at
+# (module docstring: 0.23-0.25 ms a call saved on the ResNet-50 DCN layers).
 _eager_plans: dict[tuple, "_ForwardPlan"] = {}
 _MAX_EAGER_PLANS = 1024
 _kernel.on_clear_memory_cache(_eager_plans.clear)
