@@ -230,13 +230,42 @@ def test_verification_keeps_the_hand_schedule_unless_a_record_is_clearly_faster(
     find_template(TINY.op, "llvm")(sch, TINY, target)  # the tuning template: another trace
     assert str(sch.trace) != str(hand)
     # Measured in order: the task's records, then its hand schedule.
-    monkeypatch.setattr(tune, "_measure_many", lambda mods, *a: [[1e-3 / record_speedup], [1e-3]])
+    monkeypatch.setattr(tune, "_measure_many", lambda mods, *a, **k: [[1e-3 / record_speedup], [1e-3]])
     task = tune.TaskResult(TINY, 1, 2, None, None, False)
     tune._verify([(task, [SimpleNamespace(trace=sch.trace)])], target, None, None)
     assert task.best_is_hand is keeps_hand
     assert task.hand_seconds == pytest.approx(1e-3)
     assert task.best_seconds == pytest.approx(1e-3 if keeps_hand else 1e-3 / record_speedup)
     assert str(task.record.trace) == str(hand if keeps_hand else sch.trace)
+
+
+def test_measurement_passes_alternate_their_order():
+    """With several passes every module runs in each, every other pass in reverse order, and its
+    run seconds are those of all passes; a module that failed in any pass gives None."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from tvm_dcn.target import as_target  # noqa: PLC0415
+
+    mods = [tvm_dcn.kernel.ir_module(TINY)] * 3
+    runs = []
+
+    class Builder:
+        def build(self, inputs):
+            return [SimpleNamespace(error_msg=None, artifact_path=f"/nonexistent/m{i}/lib.so")
+                    for i in range(len(inputs))]
+
+    class Runner:
+        def run(self, inputs):
+            order = [int(x.artifact_path.split("/")[2][1:]) for x in inputs]
+            runs.append(order)
+            return [SimpleNamespace(result=lambda i=i, p=len(runs): SimpleNamespace(
+                error_msg="boom" if (i, p) == (2, 2) else None, run_secs=[i + p / 10]))
+                for i in order]
+
+    results = tune._measure_many(mods, as_target(None), Builder(), Runner(), passes=3)
+    assert runs == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
+    assert results[0] == pytest.approx([0.1, 0.2, 0.3]) and results[1] == pytest.approx([1.1, 1.2, 1.3])
+    assert results[2] is None
 
 
 def _free_port() -> int:

@@ -16,8 +16,8 @@ How a run goes:
    model, gradient task scheduler) until each task has ``trials_per_task`` measured records.
    Runs are resumable: records already in the work dir count, so re-running with the same budget
    does nothing and a larger budget continues the search.
-5. The best records of each task are measured again next to the hand schedule, and the fastest
-   of each workload is exported to ``<output>/`` (default: the package's
+5. The best records of each task are measured again next to the hand schedule (in
+   ``VERIFY_PASSES`` passes of alternating order), and the fastest of each workload is exported to ``<output>/`` (default: the package's
    ``tuning_logs/<target-tag>/``): ``database_workload.json`` and ``database_tuning_record.json``
    (one record per workload, sorted by workload, so diffs are readable) and ``manifest.json``
    (target, versions, date, trials and measured latencies). Records of other workloads already
@@ -60,6 +60,12 @@ HAND_SEEDS_FILE = "hand_seeds.json"
 # is within this machine's noise, and such records measured slower than hand in `tvm-dcn bench`
 # (a different context: cold caches after other work) in this session.
 HAND_MARGIN = 1.03
+# Verification runs the candidates of all tasks this many times, in alternating order, so that
+# drift hits them alike. It does not remove longer bursts of load: in one pass an old hand
+# schedule measured 6% faster than the current one (1-2% slower in `tvm-dcn bench`); a later
+# two-pass run in a loaded phase had two records 10% and 22% ahead of hand schedules that had won
+# the run before. Check a displaced hand schedule in `tvm-dcn bench` before committing.
+VERIFY_PASSES = 2
 
 
 def _ms():
@@ -167,9 +173,13 @@ def make_runner(rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=max_workers or 1)
 
 
-def _measure_many(mods: Sequence[tvm.IRModule], target, builder, runner) -> list[Optional[list[float]]]:
+def _measure_many(mods: Sequence[tvm.IRModule], target, builder, runner, *,
+                  passes: int = 1) -> list[Optional[list[float]]]:
     """Build and run scheduled modules as MetaSchedule does: run seconds of each, None where it
-    failed. One builder call for all of them: each call starts fresh worker processes."""
+    failed. One builder call for all of them: each call starts fresh worker processes. With
+    ``passes`` > 1 the modules run that many times, every other pass in reverse order, and each
+    module's run seconds are those of all passes (a burst of load on this shared host otherwise
+    lands on whichever modules ran during it)."""
     ms = _ms()
     built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
     results: list[Optional[list[float]]] = [None] * len(mods)
@@ -182,16 +192,22 @@ def _measure_many(mods: Sequence[tvm.IRModule], target, builder, runner) -> list
     if not runnable:
         return results
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    failed = set()
     try:
-        futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device,
-                                                    ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"]))
-                              for i in runnable])
-        for i, future in zip(runnable, futures):
-            result = future.result()
-            if result.error_msg:
-                logger.warning("tvm_dcn.tune: run failed: %s", result.error_msg.splitlines()[-1])
-            else:
-                results[i] = [float(sec) for sec in result.run_secs]
+        for pass_index in range(passes):
+            order = runnable if pass_index % 2 == 0 else runnable[::-1]
+            futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device,
+                                                        ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"]))
+                                  for i in order])
+            for i, future in zip(order, futures):
+                result = future.result()
+                if result.error_msg:
+                    logger.warning("tvm_dcn.tune: run failed: %s", result.error_msg.splitlines()[-1])
+                    failed.add(i)
+                else:
+                    results[i] = (results[i] or []) + [float(sec) for sec in result.run_secs]
+        for i in failed:
+            results[i] = None
     finally:
         for i in runnable:
             shutil.rmtree(os.path.dirname(built[i].artifact_path), ignore_errors=True)
@@ -463,7 +479,7 @@ def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -
             trace.apply_to_schedule(sch, remove_postproc=False)
             mods.append(sch.mod)
         plans.append((task, traces, hand))
-    all_secs = iter(_measure_many(mods, target, builder, runner))
+    all_secs = iter(_measure_many(mods, target, builder, runner, passes=VERIFY_PASSES))
     for task, traces, hand in plans:
         measured = []
         for trace in traces:
