@@ -16,12 +16,12 @@ right after a 2 ms kernel (its autograd and tracing wrappers run on cold caches)
 operator 6.5 us and 41 us, a plain Python call 3 us and 15 us.
 
 Eager calls without autograd skip even that: :func:`deform_conv2d` keeps a plan (kernel and
-argument shapes) per validated call signature and runs the kernel directly when a call matches one
+output shapes) per validated call signature and runs the kernel directly when a call matches one
 (plain tensors, nothing to differentiate, no tracing, dispatch or function mode, no workload
 recorder; anything else goes through the operator). Right after other work every new torch call
 runs on cold caches here, so each one counts: measured side by side, each call right after the
-layer's offset convolution, the direct call took 0.23-0.25 ms less than validation plus the
-operator (ResNet-50 DCN layers of 2.3-2.9 ms).
+layer's offset convolution, the direct call took 0.23-0.30 ms less than validation plus the
+operator (ResNet-50 DCN layers, two runs).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def kernel_arg(t: torch.Tensor) -> torch.Tensor:
 
 # Eager calls without autograd run the kernel directly, and calls like one validated before skip
 # the validation: the plans of validated calls, keyed by everything the validation looked at
-# (module docstring: 0.23-0.25 ms a call saved on the ResNet-50 DCN layers).
+# (module docstring: 0.23-0.30 ms a call saved on the ResNet-50 DCN layers).
 _eager_plans: dict[tuple, "_ForwardPlan"] = {}
 _MAX_EAGER_PLANS = 1024
 _kernel.on_clear_memory_cache(_eager_plans.clear)
@@ -121,7 +121,8 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
                                     or (bias is not None and bias.requires_grad)
                                     or (mask is not None and mask.requires_grad)):
         return None
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or _workloads._active_recorders:
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or _workloads._active_recorders):
         return None
     conv = (_int_or_pair(stride), _int_or_pair(padding), _int_or_pair(dilation))
     if None in conv:
@@ -286,35 +287,28 @@ def _implements(name: str):
 
 
 class _ForwardPlan(NamedTuple):
-    """The forward kernel of one call signature and the shapes of its arguments as the kernel
-    takes them (the TE definition's layout)."""
+    """The forward kernel of one call signature and its output's shapes: as the kernel writes it
+    (the TE definition's layout) and as returned."""
 
     kernel: _kernel.Kernel
-    input_shape: tuple
-    offset_shape: tuple
-    mask_shape: Optional[tuple]
-    weight_shape: tuple
     output_shape: tuple
     result_shape: tuple
 
 
 def _forward_plan(input, offset, weight, bias, mask, stride, padding, dilation) -> _ForwardPlan:
     """Compiles (or fetches) the forward kernel of a validated, non-empty call."""
-    batch, in_channels = input.shape[:2]
-    out_channels = weight.shape[0]
+    batch, out_channels = input.shape[0], weight.shape[0]
     out_h, out_w = offset.shape[2:]
     kern = _kernel.compile(_workload(input, offset, weight, bias, mask, stride, padding, dilation),
                            device_target(input.device))
-    return _ForwardPlan(kern, (batch, in_channels, -1), (batch, offset.shape[1], -1),
-                        None if mask is None else (batch, mask.shape[1], -1), (out_channels, -1),
-                        (batch, out_channels, out_h * out_w), (batch, out_channels, out_h, out_w))
+    return _ForwardPlan(kern, (batch, out_channels, out_h * out_w), (batch, out_channels, out_h, out_w))
 
 
 def _run_forward(plan: _ForwardPlan, input, offset, weight, bias, mask) -> torch.Tensor:
-    args = [kernel_arg(input).view(plan.input_shape), kernel_arg(offset).view(plan.offset_shape)]
+    args = [_flat(input, input.shape[1]), _flat(offset, offset.shape[1])]
     if mask is not None:
-        args.append(kernel_arg(mask).view(plan.mask_shape))
-    args.append(kernel_arg(weight).view(plan.weight_shape))
+        args.append(_flat(mask, mask.shape[1]))
+    args.append(kernel_arg(weight).view(weight.shape[0], -1))
     if bias is not None:
         args.append(kernel_arg(bias))
     result = input.new_empty(plan.result_shape)

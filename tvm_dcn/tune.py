@@ -17,9 +17,10 @@ How a run goes:
    Runs are resumable: records already in the work dir count, so re-running with the same budget
    does nothing and a larger budget continues the search.
 5. The best records of each task are measured again next to the hand schedule (in
-   ``VERIFY_PASSES`` passes of alternating order), and the fastest of each workload is exported to ``<output>/`` (default: the package's
-   ``tuning_logs/<target-tag>/``): ``database_workload.json`` and ``database_tuning_record.json``
-   (one record per workload, sorted by workload, so diffs are readable) and ``manifest.json``
+   ``VERIFY_PASSES`` passes of alternating order), and the fastest of each workload is exported
+   to ``<output>/`` (default: the package's ``tuning_logs/<target-tag>/``):
+   ``database_workload.json`` and ``database_tuning_record.json`` (one record per workload,
+   sorted by workload, so diffs are readable) and ``manifest.json``
    (target, versions, date, trials and measured latencies). Records of other workloads already
    in that folder are kept.
 
