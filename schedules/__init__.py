@@ -51,6 +51,14 @@ _SCHEDULES = {
 }
 
 
+def register_intrinsics() -> None:
+    """Register the tensor intrinsics the hand schedules use (``Schedule.tensorize``): a tuning
+    record's trace names them, so replaying one needs them registered first."""
+    from . import cpu_transpose
+
+    cpu_transpose.register()
+
+
 def _entry(op: str, target_kind: str) -> Optional[tuple[str, str]]:
     spec = _SCHEDULES.get((op, target_kind))
     if spec is None:

@@ -6,7 +6,8 @@
 - Forward im2col (channels-last): the input is transposed to channels-last, then each
   (lanes x lanes) tile of (channels at one tap) x pixels is computed with vector loads along the
   channels (the four corners of a sample are contiguous there) into registers and stored
-  transposed, pixels contiguous, as the GEMM reads them.
+  transposed, pixels contiguous, as the GEMM reads them (8 x 8 float32 tiles by the shuffles of
+  ``cpu_transpose``).
 - Backward im2col (channel-major rows): parallel over (batch, channel*tap) rows, vectorised
   along pixels (the four corner reads are gathers; their indices and weights are contiguous).
 - GEMMs (forward output, column gradient, weight gradient): register-blocked micro-kernels
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
+from . import cpu_transpose
 from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, largest_divisor, parallel_rows,
                          parallel_vectorize, vector_lanes, vector_registers)
 
@@ -68,8 +70,14 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     sch.unroll(p_inner)
     sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
     tile_rows, tile_pixels = sch.get_loops(tile)[-2:]
+    if lanes == 8 and geo.dtype == "float32":
+        # The tile pixel-major (each vector over channels a row), stored transposed by shuffles:
+        # left to itself, LLVM moves the tile through the stack element by element.
+        sch.transform_layout(block, ("write", 0), lambda n, c, k, p: (n, k, p, c))
+        sch.tensorize(tile_rows, cpu_transpose.register())
+        return
     sch.unroll(tile_rows)
-    sch.vectorize(tile_pixels)  # stored along pixels: LLVM transposes the tile in registers
+    sch.vectorize(tile_pixels)  # stored along pixels: LLVM's own transposition
 
 
 def forward_columns(sch: Schedule, workload, geo, lanes: int) -> None:

@@ -53,6 +53,9 @@ def _database(folder: str, mtimes: tuple):
     """The JSON database in ``folder`` (re-read when its files change), or None if unusable."""
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415  (slow import: only when records exist)
 
+    from .schedules import register_intrinsics  # noqa: PLC0415
+
+    register_intrinsics()  # records of hand-schedule traces name the intrinsics they tensorize with
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     try:
         return ms.database.JSONDatabase(os.path.join(folder, WORKLOAD_FILE), os.path.join(folder, RECORD_FILE),
