@@ -7,7 +7,7 @@
   (lanes x lanes) tile of (channels at one tap) x pixels is computed with vector loads along the
   channels (the four corners of a sample are contiguous there) into registers and stored
   transposed, pixels contiguous, as the GEMM reads them (8 x 8 float32 tiles by the shuffles of
-  ``cpu_transpose``).
+  ``cpu_transpose``), in stripes of one pixel vector.
 - Backward im2col (channel-major rows): parallel over (batch, channel*tap) rows, vectorised
   along pixels (the four corner reads are gathers; their indices and weights are contiguous).
 - GEMMs (forward output, column gradient, weight gradient): register-blocked micro-kernels
@@ -67,6 +67,11 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     sch.parallel(sch.fuse(n, p_outer))
     tile = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(tile, c_outer)
+    # Columns stored in stripes of one pixel vector, (N, P'/lanes, C, K, lanes): the GEMM then
+    # streams each stripe contiguously, where (N, C, K, P') puts every step of its reduction in
+    # another cache line, half of it used. Measured here (GEMMs alone, interleaved): 9% faster at
+    # 512 channels x 56 pixels, 7-8% at 128 x 784, equal at 256 x 208.
+    sch.transform_layout(tile, ("write", 0), lambda n, c, k, p: (n, p // lanes, c, k, p % lanes))
     sch.unroll(p_inner)
     sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
     tile_rows, tile_pixels = sch.get_loops(tile)[-2:]
