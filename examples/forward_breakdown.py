@@ -45,18 +45,27 @@ def gemm_kernel(wl, target):
     forward kernel (groups = 1)."""
     geo = ConvGeometry(wl)
     weight = te.placeholder((geo.out_channels, geo.reduction), geo.dtype, name="weight")
+    lanes = cpu_deform_conv2d._geometry(wl, target)[1]
     if columns_formulation(wl) == COLUMNS_GATHER:
         shape = (geo.batch, geo.reduction, geo.padded_pixels)
     else:
         shape = (geo.batch, geo.in_channels, geo.taps, geo.padded_pixels)
     columns = te.placeholder(shape, geo.dtype, name="columns")
+    stored = columns
+    if len(shape) == 4 and cpu_deform_conv2d.has_column_stripes(geo, lanes):
+        # The columns as the sampling kernel stores them: stripes of one pixel vector.
+        stripes = cpu_deform_conv2d.column_stripes(lanes)
+        stored = te.placeholder((geo.batch, geo.padded_pixels // lanes, geo.in_channels, geo.taps, lanes), geo.dtype,
+                                name="columns")
+        columns = te.compute(shape, lambda *i: stored[stripes(*i)], name="columns_view")
     gemm = forward_gemm(geo, weight, columns)
-    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([weight, columns, gemm])}))
-    lanes = cpu_deform_conv2d._geometry(wl, target)[1]
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([weight, stored, gemm])}))
+    if stored is not columns:
+        sch.compute_inline(sch.get_sblock("columns_view"))
     cpu_common.blocked_gemm(sch, "gemm", group_rows=geo.out_channels, batch_rows=geo.batch * geo.out_channels,
                             pixel_vectors=geo.padded_pixels // lanes, lanes=lanes,
                             cores=cpu_common.core_count(target), registers=cpu_common.vector_registers(target))
-    return tvm.compile(sch.mod, target=target), [weight, columns, gemm]
+    return tvm.compile(sch.mod, target=target), [weight, stored, gemm]
 
 
 def tvm_ms(lib, tensors, rng) -> float:
