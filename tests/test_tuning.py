@@ -6,7 +6,9 @@ takes well under a minute (about 10-25 s here; the RPC test ~40 s with its track
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import signal
@@ -130,12 +132,40 @@ def test_recorder_collects_forward_and_backward_workloads():
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
+def application_log_handlers():
+    """Handlers an application may have installed: an unnamed one on MetaSchedule's logger (the
+    usual way to watch its progress) and one on the root logger. Tuning, however often it runs
+    in the process, must leave both attached and open."""
+    meta_schedule_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handlers = {logging.getLogger(): logging.StreamHandler(io.StringIO()),
+                meta_schedule_logger: logging.StreamHandler(io.StringIO())}
+    for log, handler in handlers.items():
+        log.addHandler(handler)
+    assert all(h.get_name() is None for h in handlers.values())
+    yield handlers
+    for log, handler in handlers.items():
+        log.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, application_log_handlers):
     """One small tuning run shared by the tests below (MetaSchedule's fixed start-up cost, mostly
     imports in this process and in the builder workers, dominates a run this small)."""
     root = tmp_path_factory.mktemp("tuning")
     result = tune.tune([TINY, TINY], work_dir=root / "work", output_dir=root / "records", **SEARCH)
     return root, result
+
+
+def _assert_logging_left_alone(handlers):
+    for log, handler in handlers.items():
+        assert handler in log.handlers and not handler.stream.closed, log.name
+
+
+def test_tune_leaves_the_process_logging_alone(tuned, application_log_handlers):
+    root, _ = tuned
+    _assert_logging_left_alone(application_log_handlers)
+    (task_log,) = (root / "work" / "logs").glob("*.log")  # the search's details go to the work dir
+    assert task_log.stat().st_size > 0
 
 
 def test_tune_seeds_with_hand_and_searches(tuned):
@@ -297,7 +327,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
+def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache, tuned, application_log_handlers):
+    """Measured on RPC servers, and a second search in this process (``tuned`` ran the first)."""
     import tvm.rpc  # noqa: PLC0415
 
     port = _free_port()
@@ -334,6 +365,7 @@ def test_tune_through_rpc_tracker_and_two_servers(tmp_path, private_cache):
                            rpc_tracker=f"127.0.0.1:{port}", rpc_key="tvm-dcn-test", **SEARCH)
         (task,) = result.tasks
         assert task.trials >= 2 and task.best_seconds > 0 and task.hand_seconds > 0
+        _assert_logging_left_alone(application_log_handlers)
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)

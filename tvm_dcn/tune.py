@@ -458,7 +458,7 @@ def _search(remaining: Sequence[tuple[Workload, int, int]], target, work_dir: Pa
     most = max(r for _, _, r in remaining)
     bar = _Progress(total=total, done=0, enabled=progress)
     names = [f"{i:02d}_{wl.op}" for i, (wl, _, _) in enumerate(remaining)]
-    loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), names)
+    loggers = [task_log(work_dir, name) for name in names]
 
     def strategy():
         return ms.search_strategy.EvolutionarySearch(
@@ -476,6 +476,35 @@ def _search(remaining: Sequence[tuple[Workload, int, int]], target, work_dir: Pa
                       database=db, cost_model="xgb", measure_callbacks=callbacks, task_scheduler="gradient")
     finally:
         bar.close()
+        for log in loggers:
+            close_task_log(log)
+
+
+def task_log(work_dir: Path, name: str) -> logging.Logger:
+    """The logger of one tuning task, writing to ``<work_dir>/logs/<name>.log`` only.
+
+    MetaSchedule's own ``get_loggers_from_work_dir`` reconfigures the whole process's logging with
+    ``logging.config.dictConfig``: that closes every handler the application (or pytest) has
+    installed, and it fails with ``AttributeError`` on ``None.format`` whenever a handler without
+    a name sits on the ``tvm.s_tir.meta_schedule`` logger (one added with ``addHandler``, or left
+    by an earlier ``dictConfig``). A library must leave the process's logging as it found it.
+    """
+    log_dir = Path(work_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"{__name__}.task.{name}")
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # per-task search details go to the file, not to the console
+    close_task_log(log)  # a task of the same name tuned before in this process
+    handler = logging.FileHandler(log_dir / f"{name}.log", mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    return log
+
+
+def close_task_log(log: logging.Logger) -> None:
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
 
 
 def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -> None:
