@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import pytest
@@ -93,6 +94,25 @@ def make_inputs(cfg: Config, generator: torch.Generator):
 
 def call_kwargs(cfg: Config) -> dict:
     return dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per CPU this process may use, at most 4 (each
+    worker holds torch, TVM and its kernels; the kernels themselves use every core)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_kernel_cache(tmp_path_factory):
+    """One disk kernel cache for the whole test session, shared by the xdist workers (the cache is
+    safe for concurrent processes) and empty at its start: the tests neither depend on nor fill
+    the user's ``~/.cache/tvm-dcn``. Tests of the cache itself point it elsewhere."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, common to the workers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TVM_DCN_CACHE_DIR", str(root / "kernel-cache"))
+        yield root / "kernel-cache"
 
 
 @pytest.fixture

@@ -23,8 +23,7 @@ ROI = roi_align_workload(batch=1, channels=4, height=6, width=7, num_rois=8, out
 
 
 @pytest.fixture
-def workload_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TVM_DCN_CACHE_DIR", str(tmp_path / "cache"))
+def workload_file(tmp_path):
     tvm_dcn.clear_memory_cache()
     path = tmp_path / "tiny.json"
     workloads.save(path, [CONV, CONV, ROI])

@@ -133,7 +133,7 @@ def test_concurrent_processes_share_the_cache_safely(private_cache):
 
 def test_corrupt_disk_cache_entry_is_rebuilt(private_cache):
     path = _run_child(private_cache)[1]
-    with open(path, "wb") as f:  # e.g. a disk that filled up mid-write in an older version
+    with open(path, "wb") as f:  # e.g. a truncated file (a disk that filled up mid-write)
         f.write(b"not a shared library")
     rebuilt = _run_child(private_cache)
     assert rebuilt[0] is False and rebuilt[1] == path and rebuilt[3] == 36.0

@@ -55,6 +55,7 @@ def _args(wl, generator):
     return inputs + [torch.empty([int(d) for d in definition.args[-1].shape])]
 
 
+@pytest.mark.xdist_group("remote-tune")  # apart from test_tuning's MetaSchedule chain: the two run in parallel
 def test_two_rounds_measured_elsewhere_then_exported_and_used(tmp_path, monkeypatch, capsys):
     work, cands = tmp_path / "work", tmp_path / "candidates"
     workloads_file = tmp_path / "workloads.json"
