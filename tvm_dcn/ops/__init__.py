@@ -1,8 +1,11 @@
 """Operator definitions in TVM's tensor expression language.
 
-Each operator module exposes ``build(workload) -> OperatorDef``: the TE tensors of one workload
-(kernel arguments in call order, output last). Schedules live apart from these definitions, in
-the top-level ``schedules`` folder (installed as ``tvm_dcn.schedules``).
+Each operator module registers a builder per operator (``@register(op)``, ``registry.py``);
+``build(workload) -> OperatorDef`` gives the TE tensors of one workload (kernel arguments in call
+order, output last) and ``primfunc(workload)`` its unscheduled PrimFunc. A workload
+(:class:`Workload`, ``workload.py``) names the operator and fixes every shape and attribute.
+Schedules live apart from these definitions, in the top-level ``schedules`` folder (installed as
+``tvm_dcn.schedules``).
 
 Scatter stages (input gradients that add each sample's gradient to its bilinear corners) come in
 two formulations, chosen by the workload parameter ``scatter``:
