@@ -31,6 +31,7 @@ from .ops.workload import Workload  # noqa: E402
 from .kernel import Kernel, compile, clear_memory_cache, cache_dir  # noqa: E402
 from .target import host_target, target_tag  # noqa: E402
 from .functional import deform_conv2d  # noqa: E402
+from . import workloads  # noqa: E402,F401  (tvm_dcn.workloads.record, load, save)
 
 __all__ = [
     "Workload", "Kernel", "compile", "clear_memory_cache", "cache_dir", "host_target", "target_tag",
