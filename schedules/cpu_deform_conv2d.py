@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
+from .._utils import largest_divisor
 from . import cpu_transpose
-from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, largest_divisor, parallel_rows,
+from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, parallel_rows,
                          parallel_vectorize, vector_lanes, vector_registers)
+from .registry import register
 
 
 def _geometry(workload, target):
@@ -106,6 +108,7 @@ def forward_columns(sch: Schedule, workload, geo, lanes: int) -> None:
         _channels_last_columns(sch, geo, lanes)
 
 
+@register("llvm", "deform_conv2d")
 def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
 
@@ -122,6 +125,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
         parallel_rows(sch, "output")
 
 
+@register("llvm", "deform_conv2d_backward_data")
 def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
     sums that give the offset and mask gradients."""
@@ -149,6 +153,7 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = Fals
             parallel_rows(sch, "grad_mask")
 
 
+@register("llvm", "deform_conv2d_backward_weight")
 def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
     grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""

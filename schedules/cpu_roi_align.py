@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .cpu_common import largest_divisor, vector_lanes
+from .._utils import largest_divisor
+from .cpu_common import vector_lanes
+from .registry import register
 
 # Stages indexed by RoI (or table row) first: parallel over it.
 _ROW_STAGES = ("roi_batch", "roi_geometry", "roi_grid", "roi_inv_count", "y_position", "x_position", "y_index",
@@ -102,38 +104,47 @@ def _schedule_forward(sch: Schedule, workload, target, groups: int, channels: in
     parallel_rows(sch, [n for n in _ROW_STAGES if n != reduce_block])
 
 
+@register("llvm", "roi_align")
 def schedule_roi_align(sch: Schedule, workload, target) -> None:
     _schedule_forward(sch, workload, target, 1, workload["channels"])
 
 
+@register("llvm", "ps_roi_align")
 def schedule_ps_roi_align(sch: Schedule, workload, target) -> None:
     ph, pw = workload["output_size"]
     _schedule_forward(sch, workload, target, ph * pw, workload["channels"] // (ph * pw))
 
 
+@register("llvm", "deform_roi_pool")
 def schedule_deform_roi_pool(sch: Schedule, workload, target) -> None:
     _schedule_forward(sch, workload, target, 1, workload["channels"])
 
 
+@register("llvm", "deform_psroi_pool")
 def schedule_deform_psroi_pool(sch: Schedule, workload, target) -> None:
     group = workload["group_size"]
     _schedule_forward(sch, workload, target, group * group, workload["output_dim"])
 
 
+@register("llvm", "roi_pool")
 def schedule_roi_pool(sch: Schedule, workload, target) -> None:
     _schedule_forward(sch, workload, target, 1, workload["channels"], reduce_block="pool_max")
 
 
+@register("llvm", "ps_roi_pool")
 def schedule_ps_roi_pool(sch: Schedule, workload, target) -> None:
     ph, pw = workload["output_size"]
     _schedule_forward(sch, workload, target, ph * pw, workload["channels"] // (ph * pw))
 
 
+@register("llvm", "roi_align_backward", "ps_roi_align_backward", "roi_pool_backward", "ps_roi_pool_backward",
+          "deform_roi_pool_backward", "deform_psroi_pool_backward")
 def schedule_backward(sch: Schedule, workload, target) -> None:
     """Backward scatters: the TVMScript stage is parallel already; the tables feeding it too."""
     parallel_rows(sch)
 
 
+@register("llvm", "deform_roi_pool_backward_params", "deform_psroi_pool_backward_params")
 def schedule_params_backward(sch: Schedule, workload, target) -> None:
     """Offset/mask/trans gradients. ``corner_grad`` (rows, bins, samples, corner; reduction over
     channels) reads the input channels-last; its channel reduction is split into vector lanes

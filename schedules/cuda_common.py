@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .._utils import dtype_bytes, largest_divisor
+
 # Threads per block of elementwise stages.
 ELEMENTWISE_THREADS = 256
 # Output elements per thread along the row and column axes of a GEMM tile (registers: TM x TN).
@@ -27,21 +29,9 @@ REDUCTION_STEP = 16
 REDUCTION_THREADS = 256
 
 
-def dtype_bytes(dtype: str) -> int:
-    return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(dtype, 4)
-
-
 def vector_width(dtype: str) -> int:
     """Elements of a 128-bit load (float4, double2)."""
     return max(1, 16 // dtype_bytes(dtype))
-
-
-def largest_divisor(n: int, limit: int) -> int:
-    """The largest d <= limit dividing n (at least 1)."""
-    for d in range(max(1, min(n, limit)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
 
 
 def split_threads(sch, loop, extent: int, threads: int = ELEMENTWISE_THREADS, min_threads: int = 32):

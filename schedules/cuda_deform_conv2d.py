@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from .cuda_common import (bind_elementwise, bind_reduction, existing_blocks, gemm_tiles, split_threads, tiled_gemm,
                           vector_width)
+from .registry import register
 
 
 def _geometry(workload):
@@ -45,6 +46,7 @@ def _columns(sch, vector: int) -> None:
     bind_elementwise(sch, sch.get_sblock("deform_col"), vector=vector)
 
 
+@register("cuda", "deform_conv2d")
 def schedule(sch, workload, target) -> None:
     """deform_conv2d: sampling, deformable im2col, then output = weight x columns (+ bias)."""
     geo, vector = _geometry(workload)
@@ -56,6 +58,7 @@ def schedule(sch, workload, target) -> None:
                epilogue="output")
 
 
+@register("cuda", "deform_conv2d_backward_data")
 def schedule_backward_data(sch, workload, target) -> None:
     """deform_conv2d_backward_data: column gradient = weight^T x grad_output (per group), then
     the atomic input scatter and/or the corner sums of the offset and mask gradients."""
@@ -90,6 +93,7 @@ def _corner_sums(sch) -> None:
     sch.decompose_reduction(block, ci)
 
 
+@register("cuda", "deform_conv2d_backward_weight")
 def schedule_backward_weight(sch, workload, target) -> None:
     """deform_conv2d_backward_weight: the deformable columns again, then grad_weight =
     grad_output x columns^T (a GEMM reducing over batch and pixels); grad_bias."""

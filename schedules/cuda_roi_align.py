@@ -18,8 +18,13 @@ coalesce better. MetaSchedule tuning can find such layouts; this schedule is the
 from __future__ import annotations
 
 from .cuda_common import bind_elementwise, fused, is_self_threaded, iter_kinds, spatial_then_reductions, split_threads
+from .registry import register
 
 
+@register("cuda", "roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward", "roi_pool",
+          "roi_pool_backward", "ps_roi_pool", "ps_roi_pool_backward", "deform_roi_pool", "deform_roi_pool_backward",
+          "deform_roi_pool_backward_params", "deform_psroi_pool", "deform_psroi_pool_backward",
+          "deform_psroi_pool_backward_params")
 def schedule(sch, workload, target) -> None:
     """All stages of a RoI operator (forward, input gradient or parameter gradients)."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):

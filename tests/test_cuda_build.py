@@ -20,7 +20,7 @@ from tvm_dcn.ops.deform_conv import backward_data_workload, backward_weight_work
 from tvm_dcn.ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload  # noqa: E402
 from tvm_dcn.ops.roi_align import ps_roi_align_workload, roi_align_workload, roi_pool_workload  # noqa: E402
 from tvm_dcn.target import cuda_model, model_of_device_name, target_tag  # noqa: E402
-from tvm_dcn.workload import Workload  # noqa: E402
+from tvm_dcn.ops import Workload  # noqa: E402
 
 SM90 = {"kind": "cuda", "arch": "sm_90"}
 needs_nvcc = pytest.mark.skipif(cuda.nvcc_path() is None, reason="nvcc not found")
@@ -87,10 +87,10 @@ def test_cuda_workloads_use_the_atomic_scatter_and_cpu_workloads_do_not_change()
         assert (gpu.get("scatter") == "atomic") == has_scatter, name
         assert ops.for_target(wl, "llvm") is wl
         assert ops.for_target(gpu, "cuda") == gpu
-        cpu_func = kernel.primfunc(wl)
+        cpu_func = ops.primfunc(wl)
         assert emu.atomic_adds(cpu_func) == 0 and not emu.thread_bindings(cpu_func), name
         if has_scatter:
-            assert emu.atomic_adds(kernel.primfunc(gpu)) > 0, name
+            assert emu.atomic_adds(ops.primfunc(gpu)) > 0, name
 
 
 def test_atomic_scatter_is_refused_on_the_cpu_and_validated():
@@ -99,7 +99,7 @@ def test_atomic_scatter_is_refused_on_the_cpu_and_validated():
         tvm_dcn.compile(gpu)
     bad = Workload.make(gpu.op, gpu.dtype, **{**dict(gpu.params), "scatter": "planes"})
     with pytest.raises(ValueError, match="scatter"):
-        kernel.primfunc(bad)
+        ops.primfunc(bad)
     with pytest.raises(ValueError, match="scatter"):
         ops.for_target(Workload.make("deform_conv2d", "float32", **{**dict(ALL["forward"].params), "scatter": "atomic"}),
                        "cuda")

@@ -464,7 +464,7 @@ def test_column_formulation_choice():
     assert gpu["columns"] == "gather" and columns_formulation(gpu) == "gather"
     assert ops.for_target(gpu, "cuda") == gpu
     with pytest.raises(ValueError, match="columns"):
-        tvm_dcn.kernel.primfunc(tvm_dcn.Workload.make("deform_conv2d", "float32", **dict(layer(8, 8).params),
+        tvm_dcn.ops.primfunc(tvm_dcn.Workload.make("deform_conv2d", "float32", **dict(layer(8, 8).params),
                                                       columns="nhwc"))
 
 

@@ -182,7 +182,7 @@ def test_block_names_are_unique():
     stages of the backward kernels must not bring a second "root" block along."""
     import re
 
-    from tvm_dcn.kernel import primfunc
+    from tvm_dcn.ops import primfunc
     from tvm_dcn.ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
     from tvm_dcn.ops.roi_align import ps_roi_align_workload, roi_align_workload, roi_pool_workload
 

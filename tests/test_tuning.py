@@ -268,7 +268,7 @@ def test_verification_keeps_the_hand_schedule_unless_a_record_is_clearly_faster(
 
     target = as_target(None)
     hand = tune.hand_trace(TINY, target)
-    sch = tvm.s_tir.Schedule(tvm_dcn.kernel.ir_module(TINY))
+    sch = tvm.s_tir.Schedule(tvm_dcn.ops.ir_module(TINY))
     find_template(TINY.op, "llvm")(sch, TINY, target)  # the tuning template: another trace
     assert str(sch.trace) != str(hand)
     # Measured in order: the task's records, then its hand schedule.
@@ -292,7 +292,7 @@ def test_verification_scores_each_candidate_by_its_fastest_pass(monkeypatch):
     assert tune.fastest_pass_seconds([3.0, 3.2, 1.0, 1.2, 2.0, 2.0], 3) == pytest.approx(1.1)
     assert tune.fastest_pass_seconds([3.0, 1.0], 3) == pytest.approx(2.0)  # uneven: one pass
     target = as_target(None)
-    sch = tvm.s_tir.Schedule(tvm_dcn.kernel.ir_module(TINY))
+    sch = tvm.s_tir.Schedule(tvm_dcn.ops.ir_module(TINY))
     find_template(TINY.op, "llvm")(sch, TINY, target)
     passes = tune.VERIFY_PASSES
     record = [1.0e-3] * (2 * passes)                           # two repeats per pass, steady
@@ -311,7 +311,7 @@ def test_measurement_passes_alternate_their_order():
 
     from tvm_dcn.target import as_target  # noqa: PLC0415
 
-    mods = [tvm_dcn.kernel.ir_module(TINY)] * 3
+    mods = [tvm_dcn.ops.ir_module(TINY)] * 3
     runs = []
 
     class Builder:
@@ -420,7 +420,7 @@ def test_candidates_computing_an_extern_input_late_are_rejected():
     postprocessor rejects such candidates; hand schedules pass."""
     wl = backward_data_workload(TINY, need_input=True, need_sampling=True)
     target = tvm_dcn.target.as_target(None)
-    sch = tvm.s_tir.Schedule(tvm_dcn.kernel.ir_module(wl))
+    sch = tvm.s_tir.Schedule(tvm_dcn.ops.ir_module(wl))
     assert schedule_checks.has_extern_stage(sch.mod)
     assert schedule_checks.extern_input_computed_late(sch.mod) is None
     corner_sum_loops = sch.get_loops(sch.get_sblock("corner_sum"))
@@ -429,7 +429,7 @@ def test_candidates_computing_an_extern_input_late_are_rejected():
     assert not tune._extern_order_check().apply(sch)
     _, hand = tvm_dcn.kernel.scheduled_module(wl, target, schedule="hand")
     assert schedule_checks.extern_input_computed_late(hand) is None
-    assert not schedule_checks.has_extern_stage(tvm_dcn.kernel.ir_module(TINY))
+    assert not schedule_checks.has_extern_stage(tvm_dcn.ops.ir_module(TINY))
 
 
 _INTRINSICS_CHECK = """

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os as _os
 import sys as _sys
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 # Threads. TVM's CPU thread pool configures itself once, on the first parallel kernel, from the
 # environment; PyTorch's OpenMP runtime does so when torch is first imported. Unless the user chose:
@@ -27,10 +27,11 @@ if "TVM_NUM_THREADS" not in _os.environ:
     except AttributeError:  # not Linux
         _os.environ["TVM_NUM_THREADS"] = str(_os.cpu_count() or 1)
 
-from .workload import Workload  # noqa: E402
+from .ops.workload import Workload  # noqa: E402
 from .kernel import Kernel, compile, clear_memory_cache, cache_dir  # noqa: E402
 from .target import host_target, target_tag  # noqa: E402
 from .functional import deform_conv2d  # noqa: E402
+from . import workloads  # noqa: E402,F401  (tvm_dcn.workloads.record, load, save)
 
 __all__ = [
     "Workload", "Kernel", "compile", "clear_memory_cache", "cache_dir", "host_target", "target_tag",

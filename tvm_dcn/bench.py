@@ -44,8 +44,8 @@ from . import functional as _functional
 from .kernel import forced_schedule
 from .ops.deform_conv import FORWARD, ConvGeometry
 from .target import host_target, target_tag
-from .workload import Workload
-from .workloads import load, unique_with_counts
+from .ops.workload import Workload, unique_with_counts
+from .workloads import load
 
 SCHEDULES = ("default", "hand", "tuned")
 MODES = ("forward", "forward+backward")

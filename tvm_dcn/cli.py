@@ -25,7 +25,8 @@ import sys
 
 
 def _info(args) -> int:
-    from . import cache_dir, host_target, target_tag  # noqa: PLC0415
+    from .kernel import cache_dir  # noqa: PLC0415
+    from .target import host_target, target_tag  # noqa: PLC0415
     from .tuning_records import records_dir  # noqa: PLC0415
 
     tag = target_tag(None)

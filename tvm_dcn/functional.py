@@ -26,38 +26,18 @@ operator (ResNet-50 DCN layers, two runs).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import kernel as _kernel
-from . import workloads as _workloads
+from . import recording as _recording
+from ._torch_utils import SUPPORTED_DTYPES
+from ._utils import IntPair, int_pair
 from .ops.deform_conv import (backward_data_workload, backward_weight_workload, forward_workload, output_size,
                                padded_pixels)
 
-IntPair = Union[int, Sequence[int]]
-
-# Gradients of every argument (input, offset, mask, weight, bias) are implemented.
-SUPPORTS_BACKWARD = True
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
-
-
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return items  # type: ignore[return-value]
 
 
 def _check_tensor(t, name: str, ndim: int) -> None:
@@ -65,7 +45,7 @@ def _check_tensor(t, name: str, ndim: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be a {ndim}-d tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in _SUPPORTED_DTYPES:
+    if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; tvm_dcn supports float32 and float64")
 
 
@@ -122,7 +102,7 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
                                     or (mask is not None and mask.requires_grad)):
         return None
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or _workloads._active_recorders):
+            or _recording.is_recording()):
         return None
     conv = (_int_or_pair(stride), _int_or_pair(padding), _int_or_pair(dilation))
     if None in conv:
@@ -174,7 +154,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         _check_tensor(bias, "bias", 1)
     if mask is not None:
         _check_tensor(mask, "mask", 4)
-    stride_hw, padding_hw, dilation_hw = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride_hw, padding_hw = int_pair(stride, "stride"), int_pair(padding, "padding")
+    dilation_hw = int_pair(dilation, "dilation")
     if min(stride_hw) < 1:
         raise ValueError(f"stride must be positive, got {stride}")
     if min(padding_hw) < 0:

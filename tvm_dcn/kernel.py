@@ -25,16 +25,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import tvm
-from tvm import te
 
-from . import __version__, ops, workloads
+from . import ops, recording
+from .ops import ENTRY, Workload, primfunc
 from .target import TargetLike, as_target, target_tag
-from .workload import Workload
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
 SCHEDULE_SOURCES = ("tuned", "hand", "default")
-_ENTRY = "main"
 
 
 class Kernel:
@@ -58,7 +57,7 @@ class Kernel:
         self.device_type = "cpu" if target.kind.name == "llvm" else target.kind.name
         # A GPU kernel built where TVM cannot load GPU modules (no driver): inspectable, not callable.
         self.runnable = runtime_can_run(target)
-        self._func = module[_ENTRY] if self.runnable else None
+        self._func = module[ENTRY] if self.runnable else None
         # Such a kernel's device code compiled here (tvm_dcn.cuda.compile_source), if a compiler is:
         # (binary, "fatbin" or "cubin"); None elsewhere (a runnable module holds its binary itself).
         self.cuda_binary: Optional[tuple[bytes, str]] = None
@@ -200,7 +199,7 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
         raise TypeError(f"workload must be a tvm_dcn.Workload, got {type(workload).__name__}")
     if schedule is not None and schedule not in SCHEDULE_SOURCES:
         raise ValueError(f"schedule must be one of {SCHEDULE_SOURCES} or None, got {schedule!r}")
-    workloads.note(workload)
+    recording.note(workload)
     schedule = schedule or _preferred_schedule.source
     target = as_target(target)
     workload = ops.for_target(workload, target.kind.name)  # GPU: the atomic scatter formulation
@@ -290,16 +289,6 @@ def scheduled_module(workload: Workload, target: TargetLike = None, *,
     return source, apply()
 
 
-def primfunc(workload: Workload) -> tvm.tirx.PrimFunc:
-    """The unscheduled PrimFunc of ``workload`` (what schedules and MetaSchedule start from)."""
-    definition = ops.build(workload)
-    return te.create_prim_func(definition.args).with_attr("global_symbol", _ENTRY)
-
-
-def ir_module(workload: Workload) -> tvm.IRModule:
-    return tvm.IRModule({_ENTRY: primfunc(workload)})
-
-
 def _plan_schedule(workload: Workload, target, func, forced: Optional[str], skip_tuned: bool = False):
     """Choose the schedule source: returns (source, fingerprint bytes, thunk -> scheduled IRModule)."""
     from . import tuning_records  # noqa: PLC0415  (imports MetaSchedule only when records exist)
@@ -312,16 +301,17 @@ def _plan_schedule(workload: Workload, target, func, forced: Optional[str], skip
         if forced == "tuned":
             raise LookupError(f"no tuning record for {workload.short_name()} on {target_tag(target)}")
     if forced in (None, "hand"):
-        from .schedules import find, source_file  # noqa: PLC0415
+        from .schedules import find  # noqa: PLC0415
 
         hand = find(workload.op, kind)
         if hand is not None:
             def apply_hand():
-                sch = tvm.s_tir.Schedule(tvm.IRModule({_ENTRY: func}))
+                sch = tvm.s_tir.Schedule(tvm.IRModule({ENTRY: func}))
                 hand(sch, workload, target)
                 return sch.mod
 
-            return "hand", Path(source_file(workload.op, kind)).read_bytes(), apply_hand
+            # The sources of all schedules are in the fingerprint (_fingerprint); this names the function.
+            return "hand", f"hand-{hand.__module__}.{hand.__qualname__}".encode(), apply_hand
         if forced == "hand":
             raise LookupError(f"no hand schedule for {workload.op} on target kind {kind!r}")
     return "default", default_schedule_fingerprint(kind), lambda: default_schedule(func, target)
@@ -333,7 +323,7 @@ def default_schedule_fingerprint(kind: str) -> bytes:
 
 def default_schedule(func, target) -> tvm.IRModule:
     """No schedule on the CPU (plain loop nests); GPU targets need thread bindings: dlight's."""
-    mod = tvm.IRModule({_ENTRY: func})
+    mod = tvm.IRModule({ENTRY: func})
     if target.kind.name == "llvm":
         return mod
     from tvm.s_tir import dlight  # noqa: PLC0415

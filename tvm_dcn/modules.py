@@ -38,16 +38,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ._utils import IntPair
 from .functional import deform_conv2d
 
 __all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "DCN", "DCNv2"]
 
-IntPair = Union[int, Sequence[int]]
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,11 +49,11 @@ from typing import Optional, Sequence
 import tvm
 
 from . import ops
-from .kernel import ir_module, runtime_can_run
+from ._meta_schedule import import_tensor_intrinsics_for, mean_seconds, meta_schedule, records_of
+from .kernel import runtime_can_run
+from .ops import ir_module
+from .ops.workload import Workload, unique_with_counts
 from .target import TargetLike, as_target, target_config, target_tag
-from .tune import _import_tensor_intrinsics_for, _ms, _records_of
-from .workload import Workload
-from .workloads import unique_with_counts
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class _Session:
             raise ValueError(f"work dir {self.work_dir}: unknown state format {self.state.get('format')!r}")
         self.target = as_target(self.state["target"])
         self.tasks = [(Workload.from_dict(t["workload"]), int(t["count"])) for t in self.state["tasks"]]
-        self.ms = _ms()
-        _import_tensor_intrinsics_for(self.target)
+        self.ms = meta_schedule()
+        import_tensor_intrinsics_for(self.target)
         self.db = self.ms.database.JSONDatabase(work_dir=str(self.work_dir))
 
     def save(self) -> None:
@@ -157,7 +157,7 @@ class _Session:
 
     def records(self, wl: Workload) -> list:
         """Measured records of ``wl``, fastest first."""
-        return _records_of(self.db, wl)
+        return records_of(self.db, wl)
 
 
 def init_work_dir(work_dir: os.PathLike, workloads: Sequence[Workload], target: TargetLike = None, *,
@@ -434,13 +434,12 @@ def feed(work_dir: os.PathLike, results_path: os.PathLike) -> str:
 
 def summary(work_dir: os.PathLike) -> str:
     """Measured trials and best time per workload of ``work_dir``."""
-    from .tune import _mean  # noqa: PLC0415
 
     session = _Session(work_dir)
     lines = [f"{'workload':<70} {'trials':>6} {'best us':>10}"]
     for index, (wl, _) in enumerate(session.tasks):
         records = session.records(wl)
-        best = f"{_mean(records[0]) * 1e6:10.1f}" if records else f"{'-':>10}"
+        best = f"{mean_seconds(records[0]) * 1e6:10.1f}" if records else f"{'-':>10}"
         lines.append(f"{wl.short_name()[:70]:<70} {session.trials(index):>6} {best}")
     return "\n".join(lines)
 
@@ -448,14 +447,14 @@ def summary(work_dir: os.PathLike) -> str:
 def export(work_dir: os.PathLike, output_dir: Optional[os.PathLike] = None) -> Path:
     """Write the best record of each workload to ``output_dir`` (default ``tuning_logs/<tag>/``)
     with ``tvm_dcn.tune.export_records``."""
-    from .tune import TaskResult, _mean, export_records  # noqa: PLC0415
+    from .tune import TaskResult, export_records  # noqa: PLC0415
 
     session = _Session(work_dir)
     tasks = []
     for index, (wl, count) in enumerate(session.tasks):
         records = session.records(wl)
         if records:
-            tasks.append(TaskResult(wl, count, session.trials(index), _mean(records[0]), None, False,
+            tasks.append(TaskResult(wl, count, session.trials(index), mean_seconds(records[0]), None, False,
                                     record=records[0]))
     if not tasks:
         raise RuntimeError(f"{work_dir}: nothing measured yet")

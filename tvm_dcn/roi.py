@@ -28,13 +28,14 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import kernel as _kernel
-from .functional import _SUPPORTED_DTYPES, _pair, device_target, kernel_arg
+from ._torch_utils import SUPPORTED_DTYPES
+from ._utils import IntPair, int_pair
+from .functional import device_target, kernel_arg
 from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
 
 Boxes = Union[torch.Tensor, Sequence[torch.Tensor]]
-IntPair = Union[int, Sequence[int]]
 
 _INT32_MAX = 2**31 - 1
 # |coordinate * spatial_scale| beyond this is refused: the kernels convert coordinates to int32.
@@ -50,7 +51,7 @@ def _check_input(input, name: str = "input") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"{name} must be a 4-d (N, C, H, W) tensor, got shape {tuple(input.shape)}")
-    if input.dtype not in _SUPPORTED_DTYPES:
+    if input.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {input.dtype}; tvm_dcn supports float32 and float64")
     device_target(input.device, name)
     if input.shape[2] == 0 or input.shape[3] == 0:
@@ -58,7 +59,7 @@ def _check_input(input, name: str = "input") -> None:
 
 
 def _output_size(value, name: str = "output_size") -> tuple[int, int]:
-    items = _pair(value, name)
+    items = int_pair(value, name)
     if min(items) < 1:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return items
@@ -718,37 +719,6 @@ class DeformRoIPoolingPack(DeformRoIPooling):
         x = self.pool(input, rois, None, True)
         offset = self.offset_fc(x.reshape(x.shape[0], -1)).view(x.shape[0], 2, self.part_size, self.part_size)
         return self.pool(input, rois, offset, False)
-
-
-# --------------------------------------------------------------------------------------------
-# Workloads of a network, for tuning
-
-
-def network_workloads(*, channels: int = 256, height: int = 50, width: int = 76, boxes: int = 512,
-                      output_size: int = 7, batch: int = 1, roi_align_sampling_ratio: int = 2,
-                      deform_sampling_ratio: int = 0, backward: bool = True, dtype: str = "float32") -> list:
-    """The RoI kernels one pass of a two-stage detector's box head runs on one feature map (by
-    default 512 boxes to 7x7 on the 256-channel stride-16 map of an 800x1216 image):
-
-    - ``roi_align`` (torchvision's ``MultiScaleRoIAlign`` samples 2 x 2 per bin) and its backward;
-    - ``DeformRoIPoolPack`` (mmcv's defaults: adaptive sampling): pooling without offsets, then
-      with the predicted offsets; backward: input gradients of both, offset gradient of the second.
-
-    Adaptive sampling workloads use the bound of boxes inside the map (the bridge measures each
-    call's boxes, so smaller boxes hit smaller, bucketed bounds)."""
-    common = dict(batch=batch, channels=channels, height=height, width=width, num_rois=boxes,
-                  output_size=(output_size, output_size), dtype=dtype)
-    kernels = [roi_align_workload(**common, sampling_ratio=roi_align_sampling_ratio)]
-    if backward:
-        kernels.append(roi_align_workload(**common, sampling_ratio=roi_align_sampling_ratio, backward=True))
-    deform = dict(common, sampling_ratio=deform_sampling_ratio)
-    for with_offset in (False, True):
-        kernels.append(deform_roi_pool_workload(**deform, with_offset=with_offset))
-        if backward:
-            kernels.append(deform_roi_pool_workload(**deform, with_offset=with_offset, backward="input"))
-    if backward:
-        kernels.append(deform_roi_pool_workload(**deform, with_offset=True, backward="params"))
-    return kernels
 
 
 # --------------------------------------------------------------------------------------------

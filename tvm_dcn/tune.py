@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib
-import importlib.util
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -48,12 +45,14 @@ from typing import Optional, Sequence
 
 import tvm
 
-from . import __version__, schedule_checks
-from .kernel import ir_module
+from . import schedule_checks
+from ._meta_schedule import (import_tensor_intrinsics, import_tensor_intrinsics_for, intrinsics_key, mean_seconds,
+                             meta_schedule, records_of)
+from .ops import ir_module
+from .ops.workload import Workload, unique_with_counts
 from .target import TargetLike, as_target, target_config, target_tag
 from .tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, records_dir
-from .workload import Workload
-from .workloads import unique_with_counts
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -78,69 +77,6 @@ def fastest_pass_seconds(run_secs: Sequence[float], passes: int) -> float:
     as one pass if they do not split evenly)."""
     size = len(run_secs) // passes if passes > 0 and len(run_secs) % passes == 0 else len(run_secs)
     return min(sum(run_secs[i:i + size]) / size for i in range(0, len(run_secs), size))
-
-
-def _ms():
-    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
-
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    return ms
-
-
-_TENSOR_INTRIN = "tvm.s_tir.tensor_intrin"
-# Submodules of tvm.s_tir.tensor_intrin holding each CPU architecture's intrinsics.
-_CPU_INTRIN_MODULES = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm_cpu",
-                       "arm64": "arm_cpu", "riscv64": "riscv_cpu"}
-
-
-def _intrinsics_key(target) -> tuple[str, str]:
-    """(kind, CPU architecture) of ``target``: the arguments of ``import_tensor_intrinsics``."""
-    if target.kind.name != "llvm":
-        return target.kind.name, ""
-    triple = str(target.attrs.get("mtriple", "") or "")
-    return "llvm", (triple.split("-")[0] if triple else platform.machine()).lower()
-
-
-def import_tensor_intrinsics(kind: str, arch: str = "") -> None:
-    """Register the tensor intrinsics a target of ``kind`` (and CPU ``arch``) can tensorize with.
-
-    ``TuneContext`` and MetaSchedule's build function both run ``import tvm.s_tir.tensor_intrin``,
-    which registers every backend's intrinsics: ~26 s on this machine (17 s of it CUDA's), paid by
-    the tuning process and again by every builder worker process. A CPU task can only use its own
-    architecture's intrinsics, so for ``kind == "llvm"`` the package is entered in ``sys.modules``
-    without running its ``__init__`` and only that architecture's submodule is imported (< 1 s);
-    the import statements in MetaSchedule then find the package. Any other kind imports it whole
-    (completing a lean package imported earlier in the process)."""
-    package = sys.modules.get(_TENSOR_INTRIN)
-    lean = package is not None and getattr(package, "_tvm_dcn_lean", False)
-    if package is not None and not lean:
-        return  # the whole package is already imported
-    submodule = _CPU_INTRIN_MODULES.get(arch.lower()) if kind == "llvm" else None
-    if submodule is None:
-        if lean:
-            from tvm.runtime import enabled  # noqa: PLC0415
-
-            for name in ["cuda"] + (["arm_cpu", "x86", "rocm", "hexagon", "riscv_cpu"] if enabled("llvm") else []):
-                importlib.import_module(f"{_TENSOR_INTRIN}.{name}")
-            package._tvm_dcn_lean = False
-        else:
-            importlib.import_module(_TENSOR_INTRIN)
-        return
-    if package is None:
-        import tvm.s_tir  # noqa: PLC0415
-
-        package = importlib.util.module_from_spec(importlib.util.find_spec(_TENSOR_INTRIN))  # not executed
-        package._tvm_dcn_lean = True
-        sys.modules[_TENSOR_INTRIN] = package
-        tvm.s_tir.tensor_intrin = package
-    importlib.import_module(f"{_TENSOR_INTRIN}.{submodule}")
-
-
-def _import_tensor_intrinsics_for(target) -> None:
-    from .schedules import register_intrinsics  # noqa: PLC0415
-
-    import_tensor_intrinsics(*_intrinsics_key(target))
-    register_intrinsics()  # the hand schedules' own (their traces seed and may win the search)
 
 
 @dataclass
@@ -174,7 +110,7 @@ def parse_tracker(address: str) -> tuple[str, int]:
 def make_runner(rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None, *, repeats: int = 3,
                 timeout_sec: float = 60.0, max_workers: Optional[int] = None):
     """MetaSchedule runner: local, or through an RPC tracker (``rpc_key`` required then)."""
-    ms = _ms()
+    ms = meta_schedule()
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=repeats, min_repeat_ms=50, enable_cpu_cache_flush=False)
     if rpc_tracker is None:
         if rpc_key is not None:
@@ -195,7 +131,7 @@ def _measure_many(mods: Sequence[tvm.IRModule], target, builder, runner, *,
     ``passes`` > 1 the modules run that many times, every other pass in reverse order, and each
     module's run seconds are those of all passes (a burst of load on this shared host otherwise
     lands on whichever modules ran during it)."""
-    ms = _ms()
+    ms = meta_schedule()
     built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
     results: list[Optional[list[float]]] = [None] * len(mods)
     runnable = []
@@ -241,7 +177,7 @@ def design_space(workload: Workload, target):
     """MetaSchedule's generic space (post-order-apply of its schedule rules), united with the hand
     schedule's own space (its tile sizes as sampled decisions) where the hand schedule has one:
     the search mixes both, and the hand choices are a point of the second."""
-    ms = _ms()
+    ms = meta_schedule()
     from .schedules import find_template  # noqa: PLC0415
 
     template = find_template(workload.op, target.kind.name)
@@ -262,7 +198,7 @@ def design_space(workload: Workload, target):
 def _extern_order_check():
     """A MetaSchedule postprocessor rejecting candidates that compute an extern stage's input after
     the extern (``schedule_checks``): they read unwritten memory, and crash or scatter garbage."""
-    ms = _ms()
+    ms = meta_schedule()
     from tvm.ir.utils import derived_object  # noqa: PLC0415
 
     @derived_object
@@ -288,9 +224,9 @@ def _warm_builder_worker(kind: str, arch: str) -> None:
 
 def make_builder(target, max_workers: int = 1):
     """MetaSchedule's LocalBuilder whose worker processes import only ``target``'s intrinsics."""
-    ms = _ms()
+    ms = meta_schedule()
     return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=120,
-                                   initializer=functools.partial(_warm_builder_worker, *_intrinsics_key(target)))
+                                   initializer=functools.partial(_warm_builder_worker, *intrinsics_key(target)))
 
 
 def hand_trace(workload: Workload, target):
@@ -308,7 +244,7 @@ def hand_trace(workload: Workload, target):
 def seed_with_hand(db, workload: Workload, target, builder, runner) -> tuple[Optional[float], object]:
     """Measure the hand schedule of ``workload`` and commit it to ``db``: (its mean seconds, None
     if it failed; its trace, None if the operator has no hand schedule)."""
-    ms = _ms()
+    ms = meta_schedule()
     trace = hand_trace(workload, target)
     if trace is None:
         return None, None
@@ -321,18 +257,6 @@ def seed_with_hand(db, workload: Workload, target, builder, runner) -> tuple[Opt
     db.commit_tuning_record(ms.database.TuningRecord(
         trace, db.commit_workload(mod), run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
     return sum(run_secs) / len(run_secs), trace
-
-
-def _records_of(db, workload: Workload) -> list:
-    mod = ir_module(workload)
-    if not db.has_workload(mod):
-        return []
-    return [r for r in db.get_top_k(db.commit_workload(mod), 1_000_000) if r.run_secs]
-
-
-def _mean(record) -> float:
-    secs = [float(s) for s in record.run_secs]
-    return sum(secs) / len(secs)
 
 
 class _Progress:
@@ -362,7 +286,7 @@ class _Progress:
 
 
 def _progress_callback(progress: _Progress):
-    ms = _ms()
+    ms = meta_schedule()
     from tvm.ir.utils import derived_object  # noqa: PLC0415
 
     @derived_object
@@ -394,7 +318,7 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     (e.g. after stopping a long run). ``trials_per_task`` is then ignored (the manifest's budget is
     null; each record's ``trials`` says how many candidates its workload had).
     """
-    ms = _ms()
+    ms = meta_schedule()
     if trials_per_task < 1:
         raise ValueError(f"trials_per_task must be positive, got {trials_per_task}")
     pairs = unique_with_counts(workloads)
@@ -406,7 +330,7 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     work_dir.mkdir(parents=True, exist_ok=True)
     cores = int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1) if target.kind.name == "llvm" else 1
     db = ms.database.JSONDatabase(work_dir=str(work_dir))
-    _import_tensor_intrinsics_for(target)
+    import_tensor_intrinsics_for(target)
     builder = make_builder(target, max_workers=max(1, min(cores, os.cpu_count() or 1)))
     runner = make_runner(rpc_tracker, rpc_key)
     try:
@@ -415,12 +339,12 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
         for wl, _ in pairs if search else ():
             # No record of its PrimFunc: new, or its operator definition changed since the work
             # dir was seeded (the workload key is the same then; the old seed is stale).
-            if not _records_of(db, wl):
+            if not records_of(db, wl):
                 seconds, trace = seed_with_hand(db, wl, target, builder, runner)
                 hand_seeds[wl.key()] = {"seconds": seconds, "trace": str(trace) if trace is not None else None}
                 seeds_path.write_text(json.dumps(hand_seeds, indent=1, sort_keys=True) + "\n")
 
-        done = {wl: len(_records_of(db, wl)) for wl, _ in pairs}
+        done = {wl: len(records_of(db, wl)) for wl, _ in pairs}
         remaining = [(wl, count, trials_per_task - done[wl]) for wl, count in pairs
                      if search and done[wl] < trials_per_task]
         if remaining:
@@ -431,11 +355,11 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
         result = TuneResult(tag, work_dir, None)
         to_verify = []
         for wl, count in pairs:
-            records = _records_of(db, wl)
+            records = records_of(db, wl)
             seed_info = hand_seeds.get(wl.key(), {})
             task = TaskResult(wl, count, len(records), None, seed_info.get("seconds"), False)
             if records:
-                task.record, task.best_seconds = records[0], _mean(records[0])
+                task.record, task.best_seconds = records[0], mean_seconds(records[0])
                 task.best_is_hand = str(records[0].trace) == seed_info.get("trace")
                 to_verify.append((task, records[:verify_top]))
             result.tasks.append(task)
@@ -453,7 +377,7 @@ def _search(remaining: Sequence[tuple[Workload, int, int]], target, work_dir: Pa
             cores: int, population: int, genetic_iters: int, num_trials_per_iter: int, seed: int,
             progress: bool) -> None:
     """MetaSchedule's search over the (workload, count, trials still to measure) tasks."""
-    ms = _ms()
+    ms = meta_schedule()
     total = sum(r for _, _, r in remaining)
     most = max(r for _, _, r in remaining)
     bar = _Progress(total=total, done=0, enabled=progress)
@@ -511,7 +435,7 @@ def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -
     """Re-measure the given records of each task and its hand schedule, all in one measurement;
     keep each task's fastest (in place), the hand schedule unless a record beat it by
     ``HAND_MARGIN``."""
-    ms = _ms()
+    ms = meta_schedule()
     plans, mods = [], []
     for task, records in tasks:
         hand = hand_trace(task.workload, target)
@@ -550,7 +474,7 @@ def export_records(tasks: Sequence[TaskResult], target, output_dir: Optional[os.
                    set_names: Sequence[str] = (), trials_per_task: Optional[int] = None) -> Path:
     """Write the best record of each task (plus other workloads already committed there) to
     ``output_dir`` (default: ``tuning_logs/<tag>/``) as a pruned, sorted JSON database and manifest."""
-    ms = _ms()
+    ms = meta_schedule()
     tag = target_tag(target)
     output_dir = Path(output_dir) if output_dir is not None else records_dir(tag)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -562,7 +486,7 @@ def export_records(tasks: Sequence[TaskResult], target, output_dir: Optional[os.
                                           allow_missing=False)
         for item in old_manifest.get("records", []):
             wl = Workload.from_dict(item["workload"])
-            records = _records_of(old_db, wl)
+            records = records_of(old_db, wl)
             if records:
                 entries[wl.key()] = (wl, records[0], item)
     for task in tasks:

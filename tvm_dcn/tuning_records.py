@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import tvm
 
+from .ops import Workload, ir_module
 from .target import target_tag
-from .workload import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,6 @@ def lookup(workload: Workload, target) -> Optional[Record]:
     db = _database(str(folder), tuple(f.stat().st_mtime_ns for f in files))
     if db is None:
         return None
-    from .kernel import ir_module  # noqa: PLC0415
-
     mod = ir_module(workload)
     try:
         if not db.has_workload(mod):

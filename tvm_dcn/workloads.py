@@ -23,15 +23,19 @@ offset group and no bias, the stride sitting on the 3x3 conv of each stage's fir
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Union
 
+from . import ops
 from .ops.deform_conv import backward_data_workload, backward_weight_workload, forward_workload
-from .workload import Workload
+from .ops.deform_roi_pool import deform_roi_pool_workload
+from .ops.roi_align import roi_align_workload
+from .ops.workload import Workload, save, unique_with_counts
+from .recording import Recorder, record
+
+__all__ = ["SETS", "Recorder", "load", "load_file", "names", "record", "resnet50_dcn_layers", "roi_head_workloads",
+           "save", "unique_with_counts"]
 
 # (in_channels, input size, out size, blocks at out size after the first) per stage at 224x224.
 _RESNET50_DCN_STAGES = ((128, 56, 28, 3), (256, 28, 14, 5), (512, 14, 7, 2))
@@ -63,14 +67,31 @@ def resnet50_dcn_layers(image: tuple[int, int] = (224, 224), batch: int = 1) -> 
     return layers
 
 
-def _roi_heads(feature: tuple[int, int], boxes: int = 512, channels: int = 256) -> list[Workload]:
-    """RoI head workloads (if the RoI operators are available in this build)."""
-    try:
-        from . import roi  # noqa: PLC0415
-    except ImportError:
-        return []
-    factory = getattr(roi, "network_workloads", None)
-    return list(factory(channels=channels, height=feature[0], width=feature[1], boxes=boxes)) if factory else []
+def roi_head_workloads(*, channels: int = 256, height: int = 50, width: int = 76, boxes: int = 512,
+                      output_size: int = 7, batch: int = 1, roi_align_sampling_ratio: int = 2,
+                      deform_sampling_ratio: int = 0, backward: bool = True, dtype: str = "float32") -> list:
+    """The RoI kernels one pass of a two-stage detector's box head runs on one feature map (by
+    default 512 boxes to 7x7 on the 256-channel stride-16 map of an 800x1216 image):
+
+    - ``roi_align`` (torchvision's ``MultiScaleRoIAlign`` samples 2 x 2 per bin) and its backward;
+    - ``DeformRoIPoolPack`` (mmcv's defaults: adaptive sampling): pooling without offsets, then
+      with the predicted offsets; backward: input gradients of both, offset gradient of the second.
+
+    Adaptive sampling workloads use the bound of boxes inside the map (the bridge measures each
+    call's boxes, so smaller boxes hit smaller, bucketed bounds)."""
+    common = dict(batch=batch, channels=channels, height=height, width=width, num_rois=boxes,
+                  output_size=(output_size, output_size), dtype=dtype)
+    kernels = [roi_align_workload(**common, sampling_ratio=roi_align_sampling_ratio)]
+    if backward:
+        kernels.append(roi_align_workload(**common, sampling_ratio=roi_align_sampling_ratio, backward=True))
+    deform = dict(common, sampling_ratio=deform_sampling_ratio)
+    for with_offset in (False, True):
+        kernels.append(deform_roi_pool_workload(**deform, with_offset=with_offset))
+        if backward:
+            kernels.append(deform_roi_pool_workload(**deform, with_offset=with_offset, backward="input"))
+    if backward:
+        kernels.append(deform_roi_pool_workload(**deform, with_offset=True, backward="params"))
+    return kernels
 
 
 def _resnet50_dcn_224() -> list[Workload]:
@@ -84,7 +105,7 @@ def _resnet50_dcn_224_forward() -> list[Workload]:
 def _faster_rcnn_r50_dcn() -> list[Workload]:
     layers = resnet50_dcn_layers(image=(800, 1216))
     kernels = [k for layer in layers for k in _layer_kernels(layer, backward=True)]
-    return kernels + _roi_heads(feature=(50, 76))
+    return kernels + roi_head_workloads(channels=256, height=50, width=76, boxes=512)
 
 
 SETS = {
@@ -148,68 +169,9 @@ def load_file(path: Union[str, Path]) -> list[Workload]:
 
 
 def _check_known(workload: Workload, source) -> None:
-    from . import ops  # noqa: PLC0415
-
     try:
         ops.build(workload)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"workloads {source}: {workload.short_name()} is not a valid workload ({err})") from None
 
 
-def save(path: Union[str, Path], workloads: Iterable[Workload]) -> None:
-    """Write ``workloads`` (repeats folded into counts) as JSON, readable by :func:`load`."""
-    entries = [{**wl.as_dict(), "count": count} for wl, count in unique_with_counts(workloads)]
-    Path(path).write_text(json.dumps({"workloads": entries}, indent=1, sort_keys=True) + "\n")
-
-
-def unique_with_counts(workloads: Iterable[Workload]) -> list[tuple[Workload, int]]:
-    """Distinct workloads in first-seen order, each with its number of occurrences."""
-    counts = Counter()
-    order: dict[Workload, None] = {}
-    for wl in workloads:
-        counts[wl] += 1
-        order.setdefault(wl, None)
-    return [(wl, counts[wl]) for wl in order]
-
-
-# ------------------------------------------------------------------------------------------
-# Recording the workloads of a model
-
-_active_recorders: list["Recorder"] = []
-_recorders_lock = threading.Lock()
-
-
-class Recorder:
-    """Collects every kernel workload compiled or looked up while it is active (see :func:`record`)."""
-
-    def __init__(self) -> None:
-        self.workloads: list[Workload] = []
-
-    def save(self, path: Union[str, Path]) -> None:
-        save(path, self.workloads)
-
-
-@contextlib.contextmanager
-def record() -> Iterator[Recorder]:
-    """Record the workloads a model hits, e.g. to tune exactly those::
-
-        with tvm_dcn.workloads.record() as rec:
-            loss = model(images).sum(); loss.backward()
-        rec.save("my_model.json")          # then: tvm-dcn tune --workloads my_model.json
-    """
-    recorder = Recorder()
-    with _recorders_lock:
-        _active_recorders.append(recorder)
-    try:
-        yield recorder
-    finally:
-        with _recorders_lock:
-            _active_recorders.remove(recorder)
-
-
-def note(workload: Workload) -> None:
-    """Called by the kernel pipeline for every kernel request."""
-    if _active_recorders:
-        with _recorders_lock:
-            for recorder in _active_recorders:
-                recorder.workloads.append(workload)

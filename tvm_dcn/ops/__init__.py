@@ -1,8 +1,11 @@
 """Operator definitions in TVM's tensor expression language.
 
-Each operator module exposes ``build(workload) -> OperatorDef``: the TE tensors of one workload
-(kernel arguments in call order, output last). Schedules live apart from these definitions, in
-the top-level ``schedules`` folder (installed as ``tvm_dcn.schedules``).
+Each operator module registers a builder per operator (``@register(op)``, ``registry.py``);
+``build(workload) -> OperatorDef`` gives the TE tensors of one workload (kernel arguments in call
+order, output last) and ``primfunc(workload)`` its unscheduled PrimFunc. A workload
+(:class:`Workload`, ``workload.py``) names the operator and fixes every shape and attribute.
+Schedules live apart from these definitions, in the top-level ``schedules`` folder (installed as
+``tvm_dcn.schedules``).
 
 Scatter stages (input gradients that add each sample's gradient to its bilinear corners) come in
 two formulations, chosen by the workload parameter ``scatter``:
@@ -22,90 +25,9 @@ structural hashes their tuning records are matched by) do not change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
-
-from tvm import te
-
-from ..workload import Workload
-
-
-@dataclass(frozen=True)
-class OperatorDef:
-    """The TE graph of one workload: ``args`` are kernel arguments in call order (outputs last)."""
-
-    args: list[te.Tensor]
-    num_outputs: int = 1
-
-
-_BUILDERS: dict[str, Callable[[Workload], OperatorDef]] = {}
-# op -> whether a workload of it has a scatter stage
-_SCATTERS: dict[str, Callable[[Workload], bool]] = {}
-# op -> workload parameters of its GPU formulation (beyond the atomic scatter)
-_GPU_PARAMS: dict[str, dict] = {}
-
-SCATTER_ATOMIC = "atomic"
-
-
-def register(op: str, scatter: Optional[Callable[[Workload], bool]] = None, gpu_params: Optional[dict] = None):
-    """Register the builder of ``op``; ``scatter(workload)``: whether the workload has a scatter
-    stage (and so a GPU formulation, see the module docstring); ``gpu_params``: parameters that
-    GPU workloads of ``op`` get (another formulation of an intermediate)."""
-    def wrap(fn: Callable[[Workload], OperatorDef]):
-        _BUILDERS[op] = fn
-        if scatter is not None:
-            _SCATTERS[op] = scatter
-        if gpu_params:
-            _GPU_PARAMS[op] = dict(gpu_params)
-        return fn
-
-    return wrap
-
-
-def atomic_scatter(workload: Workload) -> bool:
-    """Whether ``workload`` uses the atomic (GPU) scatter formulation; validates the parameter."""
-    mode = workload.get("scatter")
-    if mode is None:
-        return False
-    if mode != SCATTER_ATOMIC or workload.op not in _SCATTERS:
-        raise ValueError(f"workload {workload.op}: scatter must be absent (plane-parallel CPU scatter) or "
-                         f"{SCATTER_ATOMIC!r} (operators with a scatter stage only), got {mode!r}")
-    return True
-
-
-def for_target(workload: Workload, target_kind: str) -> Workload:
-    """``workload`` with the formulation of ``target_kind``: the CPU's (``"llvm"``) unchanged; for
-    GPU kinds the atomic scatter (``scatter``, operators with a scatter stage) and the operator's
-    registered ``gpu_params``. A workload that has them already is returned unchanged."""
-    atomic = atomic_scatter(workload)
-    if target_kind == "llvm":
-        if atomic:
-            raise ValueError(f"workload {workload.op} has scatter={SCATTER_ATOMIC!r} (GPU atomics); "
-                             "the CPU target needs the workload without it")
-        return workload
-    extra = {name: value for name, value in _GPU_PARAMS.get(workload.op, {}).items() if workload.get(name) is None}
-    if not atomic and _SCATTERS.get(workload.op, lambda wl: False)(workload):
-        extra["scatter"] = SCATTER_ATOMIC
-    if not extra:
-        return workload
-    return Workload.make(workload.op, workload.dtype, **dict(workload.params), **extra)
-
-
-def source_file(op: str) -> str:
-    """Path of the module defining ``op`` (its bytes fingerprint cached kernels)."""
-    import sys
-
-    return sys.modules[_BUILDERS[op].__module__].__file__
-
-
-def build(workload: Workload) -> OperatorDef:
-    """The TE definition of ``workload``."""
-    try:
-        builder = _BUILDERS[workload.op]
-    except KeyError:
-        raise ValueError(f"workload: unknown operator {workload.op!r}; known: {sorted(_BUILDERS)}") from None
-    return builder(workload)
-
+from .registry import (ENTRY, SCATTER_ATOMIC, OperatorDef, atomic_scatter, build, for_target, ir_module,  # noqa: F401
+                       primfunc, register)
+from .workload import Workload  # noqa: F401
 
 from . import deform_conv  # noqa: E402,F401  (registers its operators)
 from . import roi_align, deform_roi_pool  # noqa: E402,F401  (RoI pooling family)

@@ -53,8 +53,9 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..workload import Workload
-from . import OperatorDef, atomic_scatter, gpu_scatter, register
+from . import gpu_scatter
+from .registry import OperatorDef, atomic_scatter, register
+from .workload import Workload
 
 FORWARD = "deform_conv2d"
 BACKWARD_DATA = "deform_conv2d_backward_data"

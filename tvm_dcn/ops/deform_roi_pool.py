@@ -35,9 +35,10 @@ from typing import Callable
 import numpy as np
 from tvm import te, tirx
 
-from ..workload import Workload
-from . import OperatorDef, atomic_scatter, register
-from .roi_align import (BACKWARD, AxisTable, Interpolation, PositionSensitiveMap, RoIShape, _align_params, _pair,
+from .._utils import int_pair
+from .registry import OperatorDef, atomic_scatter, register
+from .workload import Workload
+from .roi_align import (BACKWARD, AxisTable, Interpolation, PositionSensitiveMap, RoIShape, align_params,
                         align_geometry, bilinear_gather, inverse_count, lookup, roi_batch_index, roi_bucket,
                         round_half_away, sample_grid, scatter_bilinear)
 
@@ -53,10 +54,10 @@ def deform_roi_pool_workload(*, batch, channels, height, width, num_rois, output
     """Workload of ``deform_roi_pool``; ``backward``: None (forward), ``"input"`` (input gradient) or
     ``"params"`` (offset and mask gradients). ``max_grid`` as for ``roi_align_workload`` (offsets
     move bins, not their sizes, so the adaptive grid is the boxes')."""
-    ratio, grid = _align_params(sampling_ratio, max_grid, height, width, output_size)
+    ratio, grid = align_params(sampling_ratio, max_grid, height, width, output_size)
     return Workload.make(DEFORM_ROI_POOL + _suffix(backward), dtype, batch=batch, channels=channels,
                          height=height, width=width, num_rois=roi_bucket(num_rois),
-                         output_size=_pair(output_size, "output_size"), sampling_ratio=ratio, grid=grid,
+                         output_size=int_pair(output_size, "output_size"), sampling_ratio=ratio, grid=grid,
                          with_offset=bool(with_offset), with_mask=bool(with_mask))
 
 

@@ -47,8 +47,10 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 from tvm.script.ir_builder import tirx as T_ib
 
-from ..workload import Workload
-from . import OperatorDef, atomic_scatter, gpu_scatter, register
+from .._utils import int_pair
+from . import gpu_scatter
+from .registry import OperatorDef, atomic_scatter, register
+from .workload import Workload
 
 ROI_ALIGN = "roi_align"
 ROI_POOL = "roi_pool"
@@ -92,26 +94,19 @@ def grid_bucket(samples: int) -> int:
     return 1 << (samples - 1).bit_length()
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    items = tuple(value)
-    if len(items) != 2:
-        raise ValueError(f"{name} must be an int or a pair, got {value!r}")
-    return (int(items[0]), int(items[1]))
-
-
 def adaptive_grid_bound(height: int, width: int, output_size) -> tuple[int, int]:
     """Adaptive-sampling bound for boxes inside a ``height x width`` feature map (a workload
     default for tuning; the bridge measures the boxes of each call instead)."""
-    ph, pw = _pair(output_size, "output_size")
+    ph, pw = int_pair(output_size, "output_size")
     return (grid_bucket(math.ceil(height / ph)), grid_bucket(math.ceil(width / pw)))
 
 
-def _align_params(sampling_ratio: int, max_grid, height: int, width: int, output_size):
+def align_params(sampling_ratio: int, max_grid, height: int, width: int, output_size) -> tuple[int, tuple[int, int]]:
+    """(sampling_ratio, grid) workload parameters: a fixed ratio, or for adaptive sampling (0) the
+    bucketed bound on samples per bin (``max_grid``, else that of boxes inside the map)."""
     if sampling_ratio > 0:
         return sampling_ratio, (sampling_ratio, sampling_ratio)
-    grid = adaptive_grid_bound(height, width, output_size) if max_grid is None else _pair(max_grid, "max_grid")
+    grid = adaptive_grid_bound(height, width, output_size) if max_grid is None else int_pair(max_grid, "max_grid")
     return 0, (grid_bucket(grid[0]), grid_bucket(grid[1]))
 
 
@@ -122,27 +117,27 @@ def roi_align_workload(*, batch, channels, height, width, num_rois, output_size,
     ``max_grid``: for adaptive sampling (``sampling_ratio <= 0``), the largest number of samples
     per bin along (y, x) among the boxes (bucketed here); default: boxes inside the feature map.
     """
-    ratio, grid = _align_params(sampling_ratio, max_grid, height, width, output_size)
+    ratio, grid = align_params(sampling_ratio, max_grid, height, width, output_size)
     return Workload.make(ROI_ALIGN + (BACKWARD if backward else ""), dtype, batch=batch, channels=channels,
                          height=height, width=width, num_rois=roi_bucket(num_rois),
-                         output_size=_pair(output_size, "output_size"), sampling_ratio=ratio, grid=grid,
+                         output_size=int_pair(output_size, "output_size"), sampling_ratio=ratio, grid=grid,
                          aligned=bool(aligned))
 
 
 def ps_roi_align_workload(*, batch, channels, height, width, num_rois, output_size, sampling_ratio=-1,
                           max_grid=None, backward=False, dtype="float32") -> Workload:
     """Workload of ``ps_roi_align`` (``channels``: input channels, a multiple of PH * PW)."""
-    ratio, grid = _align_params(sampling_ratio, max_grid, height, width, output_size)
+    ratio, grid = align_params(sampling_ratio, max_grid, height, width, output_size)
     return Workload.make(PS_ROI_ALIGN + (BACKWARD if backward else ""), dtype, batch=batch, channels=channels,
                          height=height, width=width, num_rois=roi_bucket(num_rois),
-                         output_size=_pair(output_size, "output_size"), sampling_ratio=ratio, grid=grid)
+                         output_size=int_pair(output_size, "output_size"), sampling_ratio=ratio, grid=grid)
 
 
 def pool_bin_bound(height: int, width: int, output_size, max_roi_size=None) -> tuple[int, int]:
     """Bound on the rows/columns of one RoI Pool bin: ``ceil(roi / pooled) + 1`` for the largest RoI
     (in feature-map pixels, (h, w); default: the feature map), bucketed to a power of two and
     clipped to the map."""
-    ph, pw = _pair(output_size, "output_size")
+    ph, pw = int_pair(output_size, "output_size")
     roi_h, roi_w = (height, width) if max_roi_size is None else max_roi_size
     return (min(height, grid_bucket(math.ceil(roi_h / ph) + 1)), min(width, grid_bucket(math.ceil(roi_w / pw) + 1)))
 
@@ -152,7 +147,7 @@ def roi_pool_workload(*, batch, channels, height, width, num_rois, output_size, 
     """Workload of ``roi_pool`` or ``ps_roi_pool`` (``position_sensitive``), or their backward."""
     op = (PS_ROI_POOL if position_sensitive else ROI_POOL) + (BACKWARD if backward else "")
     return Workload.make(op, dtype, batch=batch, channels=channels, height=height, width=width,
-                         num_rois=roi_bucket(num_rois), output_size=_pair(output_size, "output_size"),
+                         num_rois=roi_bucket(num_rois), output_size=int_pair(output_size, "output_size"),
                          bin_bound=pool_bin_bound(height, width, output_size, max_roi_size))
 
 

@@ -2,12 +2,15 @@
 
 A workload names an operator and fixes every shape, attribute and dtype of one call, so that a
 kernel compiled (or tuned) for it can be reused for any call that maps to the same workload.
+Lists of workloads are saved as JSON (:func:`save`); ``tvm_dcn.workloads`` reads them back.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Union
 
 
 def _freeze(value: Any) -> Any:
@@ -70,9 +73,18 @@ class Workload:
         return f"{self.op}[{self.dtype}]({', '.join(parts)})"
 
 
-def unique(workloads: Iterable[Workload]) -> list[Workload]:
-    """Workloads in first-seen order with duplicates removed."""
-    seen: dict[Workload, None] = {}
+
+def unique_with_counts(workloads: Iterable[Workload]) -> list[tuple[Workload, int]]:
+    """Distinct workloads in first-seen order, each with its number of occurrences."""
+    counts: Counter = Counter()
+    order: dict[Workload, None] = {}
     for wl in workloads:
-        seen.setdefault(wl, None)
-    return list(seen)
+        counts[wl] += 1
+        order.setdefault(wl, None)
+    return [(wl, counts[wl]) for wl in order]
+
+
+def save(path: Union[str, Path], workloads: Iterable[Workload]) -> None:
+    """Write ``workloads`` (repeats folded into counts) as JSON, readable by ``tvm_dcn.workloads.load``."""
+    entries = [{**wl.as_dict(), "count": count} for wl, count in unique_with_counts(workloads)]
+    Path(path).write_text(json.dumps({"workloads": entries}, indent=1, sort_keys=True) + "\n")
