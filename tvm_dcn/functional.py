@@ -112,17 +112,7 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
     """The plan key of a call that may bypass the operator: plain tensors, nothing to differentiate,
     no tracing, no dispatch or function mode that must see the operator, no workload recorder;
     None otherwise (the call goes through ``torch.ops.tvm_dcn``)."""
-    if torch.compiler.is_compiling():  # first: TorchDynamo cannot trace the checks below
-        return None
-    if (type(input) is not _Tensor or type(offset) is not _Tensor or type(weight) is not _Tensor
-            or (bias is not None and type(bias) is not _Tensor) or (mask is not None and type(mask) is not _Tensor)):
-        return None
-    if torch.is_grad_enabled() and (input.requires_grad or offset.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)
-                                    or (mask is not None and mask.requires_grad)):
-        return None
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or _workloads._active_recorders):
+    if not is_plain_eager_call(input, offset, weight, bias, mask) or _workloads._active_recorders:
         return None
     conv = (_int_or_pair(stride), _int_or_pair(padding), _int_or_pair(dilation))
     if None in conv:
@@ -130,6 +120,22 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
     return (input.shape, offset.shape, weight.shape, input.dtype, offset.dtype, weight.dtype, input.device,
             offset.device, weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
             None if mask is None else (mask.shape, mask.dtype, mask.device), conv, _kernel._preferred_schedule.source)
+
+
+def is_plain_eager_call(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` (None for absent optional ones) may run its kernel implementation
+    directly instead of through its ``torch.ops.tvm_dcn`` operator: plain tensors, nothing to
+    differentiate, no tracing or compilation, no dispatch or function mode that must see the operator."""
+    if torch.compiler.is_compiling():  # first: TorchDynamo cannot trace the checks below
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not _Tensor:
+            return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled())
 
 
 def _int_or_pair(value):
@@ -268,20 +274,21 @@ def _flat(t: torch.Tensor, rows: int) -> torch.Tensor:
     return kernel_arg(t).view(t.shape[0], rows, -1)
 
 
-_LIBRARY = torch.library.Library("tvm_dcn", "DEF")
-_LIBRARY.define("deform_conv2d_forward(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
+# The ``tvm_dcn`` operator namespace, defined once: the RoI family (roi.py) defines its operators here too.
+LIBRARY = torch.library.Library("tvm_dcn", "DEF")
+LIBRARY.define("deform_conv2d_forward(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
                 "int[] stride, int[] padding, int[] dilation) -> Tensor")
-_LIBRARY.define("deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
+LIBRARY.define("deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
                 "Tensor? mask, bool with_bias, int[] stride, int[] padding, int[] dilation, bool[] needs) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 _DEVICE_KEYS = ("CPU", "CUDA")
 
 
-def _implements(name: str):
+def implements(name: str):
     """Registers the decorated function as the CPU and CUDA kernel of ``tvm_dcn::<name>``."""
     def register(fn):
         for key in _DEVICE_KEYS:
-            _LIBRARY.impl(name, fn, key)
+            LIBRARY.impl(name, fn, key)
         return fn
     return register
 
@@ -318,7 +325,7 @@ def _run_forward(plan: _ForwardPlan, input, offset, weight, bias, mask) -> torch
     return result
 
 
-@_implements("deform_conv2d_forward")
+@implements("deform_conv2d_forward")
 def _forward_impl(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   mask: Optional[torch.Tensor], stride: list[int], padding: list[int],
                   dilation: list[int]) -> torch.Tensor:
@@ -334,7 +341,7 @@ def _(input, offset, weight, bias, mask, stride, padding, dilation):
     return input.new_empty((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
 
 
-@_implements("deform_conv2d_backward")
+@implements("deform_conv2d_backward")
 def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                    mask: Optional[torch.Tensor], with_bias: bool, stride: list[int], padding: list[int],
                    dilation: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,

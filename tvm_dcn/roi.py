@@ -4,6 +4,15 @@ Deformable-ConvNets ``deform_psroi_pool``; their ``nn.Module`` wrappers; forward
 the CPU or a CUDA GPU (the input's device; boxes and parameters must be on it too) through
 tvm-dcn kernels.
 
+Each operator is a ``torch.library`` operator in the ``tvm_dcn`` namespace, defined in the library
+of :mod:`tvm_dcn.functional` and registered the same way as ``deform_conv2d``: CPU and CUDA
+kernels, a fake implementation (``torch.compile``, ``torch.export``) and autograd
+(``torch.library.register_autograd``), e.g. ``torch.ops.tvm_dcn.roi_align_forward(input, rois,
+spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)`` with torchvision's argument
+order, and ``..._backward`` operators for the gradients (double backward raises). The functions
+validate their arguments and call the operator; eager calls with nothing to differentiate call
+its kernel implementation directly (``functional.is_plain_eager_call``).
+
 Boxes are ``Tensor[K, 5]`` rows (batch index, x1, y1, x2, y2) or a list of ``Tensor[L, 4]`` (one per
 image), as in torchvision. Kernels are compiled per feature-map shape and *bucket* of box counts
 (16, 24, 32, 48, 64, ...; see ``tvm_dcn.ops.roi_align.roi_bucket``): a call pads its boxes with
@@ -12,8 +21,9 @@ rows that every stage skips, so a new box count rarely recompiles. Adaptive samp
 two, masking the samples a box does not have.
 
 Validation: empty box sets give empty outputs (and zero gradients); boxes outside the image and
-degenerate boxes follow the operators' definitions; batch indices outside [0, N), non-finite
-boxes or wrong box shapes raise ``ValueError`` naming the argument.
+degenerate boxes follow the operators' definitions; wrong box shapes raise ``ValueError`` naming
+the argument in the functions; batch indices outside [0, N) and non-finite boxes raise
+``ValueError`` in the operators (the checks read the box values, so they run with the kernels).
 """
 from __future__ import annotations
 
@@ -25,10 +35,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import kernel as _kernel
-from .functional import _SUPPORTED_DTYPES, _pair, device_target, kernel_arg
+from .functional import (LIBRARY, _SUPPORTED_DTYPES, _check_tensor, _pair, device_target, implements,
+                         is_plain_eager_call, kernel_arg)
 from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
@@ -42,16 +52,11 @@ _MAX_COORDINATE = 2.0**24
 
 
 # --------------------------------------------------------------------------------------------
-# Validation
+# Validation: arguments (in the functions; traceable) and box values (in the operators)
 
 
 def _check_input(input, name: str = "input") -> None:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"{name} must be a 4-d (N, C, H, W) tensor, got shape {tuple(input.shape)}")
-    if input.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {input.dtype}; tvm_dcn supports float32 and float64")
+    _check_tensor(input, name, 4)
     device_target(input.device, name)
     if input.shape[2] == 0 or input.shape[3] == 0:
         raise ValueError(f"{name} has an empty spatial size {tuple(input.shape[2:])}")
@@ -80,15 +85,16 @@ def _int(value, name: str) -> int:
     return value
 
 
-def _rois(boxes: Boxes, input: torch.Tensor, spatial_scale: float, name: str = "boxes") -> torch.Tensor:
-    """``boxes`` as a (K, 5) tensor of the input's dtype, validated."""
+def _rois(boxes: Boxes, input: torch.Tensor, name: str = "boxes") -> torch.Tensor:
+    """``boxes`` as a detached (K, 5) tensor of the input's dtype; shapes and types validated here,
+    values by the operators (:func:`_check_box_values`)."""
     dtype = input.dtype
     if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
                              f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
-        rois = _as_float(boxes, name, dtype, input)
-    elif isinstance(boxes, (list, tuple)):
+        return _as_float(boxes, name, dtype, input)
+    if isinstance(boxes, (list, tuple)):
         parts = []
         for i, b in enumerate(boxes):
             if not isinstance(b, torch.Tensor):
@@ -97,22 +103,8 @@ def _rois(boxes: Boxes, input: torch.Tensor, spatial_scale: float, name: str = "
                 raise ValueError(f"{name}[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
             b = _as_float(b, f"{name}[{i}]", dtype, input)
             parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device), b], dim=1))
-        rois = torch.cat(parts) if parts else input.new_zeros(0, 5)
-    else:
-        raise TypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
-    if rois.numel() == 0:
-        return rois.reshape(0, 5)
-    if not torch.isfinite(rois).all():
-        raise ValueError(f"{name} contains non-finite values")
-    batch_index = rois[:, 0].trunc()  # torchvision converts with a C cast
-    bad = (batch_index < 0) | (batch_index >= input.shape[0])
-    if bad.any():
-        k = int(bad.nonzero()[0])
-        raise ValueError(f"{name}: box {k} has batch index {rois[k, 0].item():g}, outside [0, {input.shape[0]}) "
-                         f"for an input of batch size {input.shape[0]}")
-    if (rois[:, 1:].abs() * spatial_scale).max() > _MAX_COORDINATE:
-        raise ValueError(f"{name}: coordinates times spatial_scale exceed {_MAX_COORDINATE:g} pixels")
-    return rois
+        return torch.cat(parts) if parts else input.new_zeros(0, 5)
+    raise TypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
 
 
 def _as_float(t: torch.Tensor, name: str, dtype, input: torch.Tensor) -> torch.Tensor:
@@ -121,6 +113,26 @@ def _as_float(t: torch.Tensor, name: str, dtype, input: torch.Tensor) -> torch.T
     if t.device != input.device:
         raise ValueError(f"{name} is on {t.device} but input is on {input.device}; boxes must be on the input's device")
     return t.detach().to(dtype)
+
+
+def _check_box_values(rois: torch.Tensor, batch: int, spatial_scale: float, name: str) -> None:
+    """The values of (K, 5) ``rois`` (an operator's argument): finite, batch indices in [0, batch),
+    coordinates the kernels can convert to int32."""
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got shape "
+                         f"{tuple(rois.shape)}")
+    if rois.shape[0] == 0:
+        return
+    if not torch.isfinite(rois).all():
+        raise ValueError(f"{name} contains non-finite values")
+    batch_index = rois[:, 0].trunc()  # torchvision converts with a C cast
+    bad = (batch_index < 0) | (batch_index >= batch)
+    if bad.any():
+        k = int(bad.nonzero()[0])
+        raise ValueError(f"{name}: box {k} has batch index {rois[k, 0].item():g}, outside [0, {batch}) "
+                         f"for an input of batch size {batch}")
+    if (rois[:, 1:].abs() * spatial_scale).max() > _MAX_COORDINATE:
+        raise ValueError(f"{name}: coordinates times spatial_scale exceed {_MAX_COORDINATE:g} pixels")
 
 
 def _check_param(t, name: str, shape: tuple, input: torch.Tensor) -> torch.Tensor:
@@ -135,9 +147,9 @@ def _check_param(t, name: str, shape: tuple, input: torch.Tensor) -> torch.Tenso
     return t
 
 
-def _check_size(input: torch.Tensor, out_numel: int) -> None:
-    if max(input.numel(), out_numel) > _INT32_MAX:
-        raise ValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
+def _check_size(shape: tuple, out_numel: int) -> None:
+    if max(math.prod(shape), out_numel) > _INT32_MAX:
+        raise ValueError(f"input of shape {shape} is too large for one kernel call "
                          "(more than 2**31 elements); split the batch or the boxes")
 
 
@@ -172,27 +184,30 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Plans: one call's kernels and padded arguments
+# Plans: the kernels and padded arguments of one operator call
 
 
 class _Plan:
-    """Padded RoIs and scalars of one call; subclasses run the forward and backward kernels."""
+    """Padded RoIs and scalars of one call on a feature map of ``shape`` (the dtype and device of
+    ``like``); subclasses run the forward and backward kernels."""
 
-    def __init__(self, input: torch.Tensor, rois: torch.Tensor, scalars: Sequence[float], out_channels: int,
-                 output_size: tuple[int, int]):
-        self.shape = tuple(input.shape)
-        self.dtype = input.dtype
+    def __init__(self, shape: Sequence[int], like: torch.Tensor, rois: torch.Tensor, scalars: Sequence[float],
+                 out_channels: int, output_size: tuple[int, int], name: str):
+        self.shape = tuple(int(v) for v in shape)
+        _check_box_values(rois, self.shape[0], scalars[0], name)
+        rois = rois.to(like.dtype)
+        self.like = like
         self.num_rois = rois.shape[0]
         self.rows = roi_bucket(self.num_rois)
-        self.output_size = output_size
+        self.output_size = (int(output_size[0]), int(output_size[1]))
         self.out_channels = out_channels
-        self.target = device_target(input.device)
-        padded = input.new_zeros(self.rows, 5)
+        self.target = device_target(like.device)
+        padded = like.new_zeros(self.rows, 5)
         padded[:, 0] = -1  # padding rows: skipped by every stage
         padded[: self.num_rois] = rois
         self.rois = padded
-        self.scalars = torch.tensor(list(scalars), dtype=input.dtype, device=input.device)
-        _check_size(input, self.rows * out_channels * output_size[0] * output_size[1])
+        self.scalars = torch.tensor(list(scalars), dtype=like.dtype, device=like.device)
+        _check_size(self.shape, self.rows * out_channels * self.output_size[0] * self.output_size[1])
 
     @property
     def empty(self) -> bool:
@@ -204,7 +219,13 @@ class _Plan:
         return dict(batch=n, channels=c, height=h, width=w, num_rois=self.num_rois, dtype=_dtype_name(self.rois))
 
     def output_shape(self, rows: int) -> tuple:
-        return (rows, self.out_channels) + tuple(self.output_size)
+        return (rows, self.out_channels) + self.output_size
+
+    def empty_output(self) -> torch.Tensor:
+        return self.like.new_zeros(self.output_shape(self.num_rois))
+
+    def zero_grad_input(self) -> torch.Tensor:
+        return self.like.new_zeros(self.shape)
 
     def flat_input(self, input: torch.Tensor) -> torch.Tensor:
         n, c, h, w = self.shape
@@ -219,6 +240,9 @@ class _Plan:
         out[: self.num_rois] = t
         return out
 
+    def padded_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.padded(grad, self.output_shape(self.rows)[1:])
+
     def grad_input_buffer(self) -> torch.Tensor:
         n, c, h, w = self.shape
         return self.rois.new_empty((n, c, h * w))
@@ -232,107 +256,87 @@ class _Plan:
         """The kernel of ``workload`` for this call's device."""
         return _kernel.compile(workload, self.target)
 
-    # Interface for _RoIFunction.
-    def forward(self, input, offset, mask):  # -> (output, tensors to save)
-        raise NotImplementedError
-
-    def backward(self, grad, needs, input, offset, mask, saved):  # -> (grad_input, grad_offset, grad_mask)
-        raise NotImplementedError
-
-
-class _RoIFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, plan: _Plan, input, offset, mask):
-        if plan.empty:
-            out, saved = input.new_zeros(plan.output_shape(plan.num_rois)), ()
-        else:
-            out, saved = plan.forward(input, offset, mask)
-        ctx.plan = plan
-        ctx.save_for_backward(input, offset, mask, *saved)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        input, offset, mask, *saved = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        needs = ctx.needs_input_grad[1:4]
-        if plan.empty or grad is None:
-            grads = [None if t is None or not need else torch.zeros_like(t)
-                     for t, need in zip((input, offset, mask), needs)]
-            return (None, *grads)
-        grad_input, grad_offset, grad_mask = plan.backward(grad, needs, input, offset, mask, saved)
-        return None, grad_input, grad_offset, grad_mask
-
 
 class _AlignPlan(_Plan):
     """RoI Align (``position_sensitive=False``) and PS RoI Align."""
 
-    def __init__(self, input, rois, output_size, spatial_scale, sampling_ratio, aligned, position_sensitive):
-        ph, pw = output_size
-        channels = input.shape[1] // (ph * pw) if position_sensitive else input.shape[1]
-        super().__init__(input, rois, [spatial_scale], channels, output_size)
+    def __init__(self, shape, like, rois, output_size, spatial_scale, sampling_ratio, aligned, position_sensitive):
+        bins = output_size[0] * output_size[1]
+        channels = shape[1] // bins if position_sensitive else shape[1]
+        super().__init__(shape, like, rois, [spatial_scale], channels, output_size, "boxes")
         shift, min_size = (0.5, None) if aligned else (0.0, 1.0)
-        grid = None if sampling_ratio > 0 else _adaptive_grid(rois, spatial_scale, output_size, shift, min_size)
-        params = dict(self.geometry(), output_size=output_size, sampling_ratio=sampling_ratio, max_grid=grid)
+        grid = None if sampling_ratio > 0 else _adaptive_grid(rois, spatial_scale, self.output_size, shift, min_size)
+        params = dict(self.geometry(), output_size=self.output_size, sampling_ratio=sampling_ratio, max_grid=grid)
         if position_sensitive:
             self.workloads = [ps_roi_align_workload(**params, backward=b) for b in (False, True)]
         else:
             self.workloads = [roi_align_workload(**params, aligned=aligned, backward=b) for b in (False, True)]
 
-    def forward(self, input, offset, mask):
-        out = self.run_forward(self.workloads[0], [self.flat_input(input), self.rois, self.scalars])
-        return out[: self.num_rois], ()
+    def forward(self, input):
+        if self.empty:
+            return self.empty_output()
+        return self.run_forward(self.workloads[0], [self.flat_input(input), self.rois, self.scalars])[: self.num_rois]
 
-    def backward(self, grad, needs, input, offset, mask, saved):
-        if not needs[0]:
-            return None, None, None
+    def backward(self, grad):
+        if self.empty:
+            return self.zero_grad_input()
         grad_input = self.grad_input_buffer()
-        grad_out = self.padded(grad, self.output_shape(self.rows)[1:])
-        self.kernel(self.workloads[1])(grad_out, self.rois, self.scalars, grad_input)
-        return grad_input.view(self.shape), None, None
+        self.kernel(self.workloads[1])(self.padded_grad(grad), self.rois, self.scalars, grad_input)
+        return grad_input.view(self.shape)
 
 
 class _PoolPlan(_Plan):
-    """RoI Pool (max, saves the argmax) and PS RoI Pool (average)."""
+    """RoI Pool (max, with the argmax for the backward) and PS RoI Pool (average)."""
 
-    def __init__(self, input, rois, output_size, spatial_scale, position_sensitive):
-        ph, pw = output_size
-        channels = input.shape[1] // (ph * pw) if position_sensitive else input.shape[1]
-        super().__init__(input, rois, [spatial_scale], channels, output_size)
+    def __init__(self, shape, like, rois, output_size, spatial_scale, position_sensitive):
+        bins = output_size[0] * output_size[1]
+        channels = shape[1] // bins if position_sensitive else shape[1]
+        super().__init__(shape, like, rois, [spatial_scale], channels, output_size, "boxes")
         self.position_sensitive = position_sensitive
-        params = dict(self.geometry(), output_size=output_size, max_roi_size=_max_roi_size(rois, spatial_scale),
+        params = dict(self.geometry(), output_size=self.output_size, max_roi_size=_max_roi_size(rois, spatial_scale),
                       position_sensitive=position_sensitive)
         self.workloads = [roi_pool_workload(**params, backward=b) for b in (False, True)]
 
-    def forward(self, input, offset, mask):
+    def forward(self, input):  # -> (output, argmax or None)
+        if self.empty:
+            out = self.empty_output()
+            return out, (None if self.position_sensitive else out.new_full(out.shape, -1, dtype=torch.int32))
         args = [self.flat_input(input), self.rois, self.scalars]
         if self.position_sensitive:
-            return self.run_forward(self.workloads[0], args)[: self.num_rois], ()
+            return self.run_forward(self.workloads[0], args)[: self.num_rois], None
         argmax = self.rois.new_empty(self.output_shape(self.rows), dtype=torch.int32)
         out = self.run_forward(self.workloads[0], args, [argmax])
-        return out[: self.num_rois], (argmax,)
+        return out[: self.num_rois], argmax[: self.num_rois]
 
-    def backward(self, grad, needs, input, offset, mask, saved):
-        if not needs[0]:
-            return None, None, None
+    def backward(self, grad, argmax=None):
+        if self.empty:
+            return self.zero_grad_input()
         grad_input = self.grad_input_buffer()
-        grad_out = self.padded(grad, self.output_shape(self.rows)[1:])
         kern = self.kernel(self.workloads[1])
         if self.position_sensitive:
-            kern(grad_out, self.rois, self.scalars, grad_input)
+            kern(self.padded_grad(grad), self.rois, self.scalars, grad_input)
         else:
-            kern(grad_out, saved[0], self.rois, grad_input)
-        return grad_input.view(self.shape), None, None
+            _check_argmax(argmax, self.output_shape(self.num_rois), self.shape[2] * self.shape[3])
+            kern(self.padded_grad(grad), self.padded(argmax, self.output_shape(self.rows)[1:]), self.rois, grad_input)
+        return grad_input.view(self.shape)
+
+
+def _check_argmax(argmax: torch.Tensor, shape: tuple, pixels: int) -> None:
+    """RoI Pool's backward scatters to ``argmax``: it must be the forward's (indices in [-1, H * W))."""
+    if argmax.dtype != torch.int32 or tuple(argmax.shape) != shape:
+        raise ValueError(f"argmax must be the int32 {shape} tensor roi_pool_forward returned, got "
+                         f"{argmax.dtype} {tuple(argmax.shape)}")
+    if argmax.numel() and (argmax.min() < -1 or argmax.max() >= pixels):
+        raise ValueError(f"argmax has indices outside [-1, {pixels}); it must be the one roi_pool_forward returned")
 
 
 class _DeformPlan(_Plan):
     """mmcv's deform_roi_pool, plain or modulated."""
 
-    def __init__(self, input, rois, output_size, spatial_scale, sampling_ratio, gamma, with_offset, with_mask):
-        super().__init__(input, rois, [spatial_scale, gamma], input.shape[1], output_size)
-        grid = None if sampling_ratio > 0 else _adaptive_grid(rois, spatial_scale, output_size, 0.5, None)
-        params = dict(self.geometry(), output_size=output_size, sampling_ratio=sampling_ratio, max_grid=grid,
+    def __init__(self, shape, like, rois, output_size, spatial_scale, sampling_ratio, gamma, with_offset, with_mask):
+        super().__init__(shape, like, rois, [spatial_scale, gamma], shape[1], output_size, "rois")
+        grid = None if sampling_ratio > 0 else _adaptive_grid(rois, spatial_scale, self.output_size, 0.5, None)
+        params = dict(self.geometry(), output_size=self.output_size, sampling_ratio=sampling_ratio, max_grid=grid,
                       with_offset=with_offset, with_mask=with_mask)
         self.workloads = {b: deform_roi_pool_workload(**params, backward=b) for b in (None, "input", "params")}
 
@@ -346,35 +350,44 @@ class _DeformPlan(_Plan):
         return args + [self.scalars]
 
     def forward(self, input, offset, mask):
+        if self.empty:
+            return self.empty_output()
         out = self.run_forward(self.workloads[None], [self.flat_input(input)] + self._params(offset, mask))
-        return out[: self.num_rois], ()
+        return out[: self.num_rois]
 
-    def backward(self, grad, needs, input, offset, mask, saved):
-        grad_out = self.padded(grad, self.output_shape(self.rows)[1:])
+    def backward(self, grad, needs, input, offset, mask):
+        """Gradients (input, offset, mask) for the flags ``needs`` (None where not needed or absent)."""
+        need_input, need_offset, need_mask = needs
+        need_offset, need_mask = need_offset and offset is not None, need_mask and mask is not None
+        if self.empty:
+            return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) if need else None
+                         for t, need in ((input, need_input), (offset, need_offset), (mask, need_mask)))
+        grad_out = self.padded_grad(grad)
         params = self._params(offset, mask)
         grad_input = grad_offset = grad_mask = None
-        if needs[0]:
+        if need_input:
             grad_input = self.grad_input_buffer()
             self.kernel(self.workloads["input"])(grad_out, *params, grad_input)
             grad_input = grad_input.view(self.shape)
-        if (needs[1] and offset is not None) or (needs[2] and mask is not None):
+        if need_offset or need_mask:
             ph, pw = self.output_size
             outs = ([self.rois.new_empty(self.rows, 2, ph, pw)] if offset is not None else []) + \
                    ([self.rois.new_empty(self.rows, ph, pw)] if mask is not None else [])
             self.kernel(self.workloads["params"])(grad_out, self.flat_input(input), *params, *outs)
-            if offset is not None and needs[1]:
-                grad_offset = outs[0][: self.num_rois].view_as(offset)
-            if mask is not None and needs[2]:
-                grad_mask = outs[-1][: self.num_rois].view_as(mask)
+            if need_offset:
+                grad_offset = outs[0][: self.num_rois].reshape(offset.shape)
+            if need_mask:
+                grad_mask = outs[-1][: self.num_rois].reshape(mask.shape)
         return grad_input, grad_offset, grad_mask
 
 
 class _PSDeformPlan(_Plan):
     """Deformable position-sensitive RoI pooling (Deformable-ConvNets)."""
 
-    def __init__(self, input, rois, spatial_scale, trans_std, output_dim, group_size, pooled_size, part_size,
+    def __init__(self, shape, like, rois, spatial_scale, trans_std, output_dim, group_size, pooled_size, part_size,
                  sample_per_part, num_classes, no_trans):
-        super().__init__(input, rois, [spatial_scale, trans_std], output_dim, (pooled_size, pooled_size))
+        super().__init__(shape, like, rois, [spatial_scale, trans_std], output_dim, (pooled_size, pooled_size),
+                         "rois")
         self.part_size, self.num_classes = part_size, num_classes
         params = dict(self.geometry(), output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
                       part_size=part_size, sample_per_part=sample_per_part, num_classes=num_classes,
@@ -387,49 +400,351 @@ class _PSDeformPlan(_Plan):
             args.append(self.padded(trans, (2 * self.num_classes, self.part_size, self.part_size)))
         return args + [self.scalars]
 
-    def forward(self, input, trans, mask):
-        out = self.run_forward(self.workloads[None], [self.flat_input(input)] + self._params(trans))
-        return out[: self.num_rois], ()
+    def forward(self, input, trans):
+        if self.empty:
+            return self.empty_output()
+        return self.run_forward(self.workloads[None], [self.flat_input(input)] + self._params(trans))[: self.num_rois]
 
-    def backward(self, grad, needs, input, trans, mask, saved):
-        grad_out = self.padded(grad, self.output_shape(self.rows)[1:])
+    def backward(self, grad, needs, input, trans):
+        """Gradients (input, trans) for the flags ``needs`` (None where not needed or absent)."""
+        need_input, need_trans = needs[0], needs[1] and trans is not None
+        if self.empty:
+            return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) if need else None
+                         for t, need in ((input, need_input), (trans, need_trans)))
+        grad_out = self.padded_grad(grad)
         params = self._params(trans)
         grad_input = grad_trans = None
-        if needs[0]:
+        if need_input:
             grad_input = self.grad_input_buffer()
             self.kernel(self.workloads["input"])(grad_out, *params, grad_input)
             grad_input = grad_input.view(self.shape)
-        if needs[1] and trans is not None:
+        if need_trans:
             part = self.part_size
             out = self.rois.new_empty(self.rows, 2 * self.num_classes, part, part)
             self.kernel(self.workloads["params"])(grad_out, self.flat_input(input), *params, out)
             grad_trans = out[: self.num_rois]
-        return grad_input, grad_trans, None
+        return grad_input, grad_trans
+
+
+# --------------------------------------------------------------------------------------------
+# Operators: torch.ops.tvm_dcn.*_forward / *_backward (kernels, fake implementations, autograd)
+
+_SHAPE_ARGS = "SymInt batch_size, SymInt channels, SymInt height, SymInt width"
+LIBRARY.define("roi_align_forward(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+               "int pooled_width, int sampling_ratio, bool aligned) -> Tensor")
+LIBRARY.define("roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
+               f"int pooled_width, {_SHAPE_ARGS}, int sampling_ratio, bool aligned) -> Tensor")
+LIBRARY.define("ps_roi_align_forward(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+               "int pooled_width, int sampling_ratio) -> Tensor")
+LIBRARY.define("ps_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
+               f"int pooled_width, int sampling_ratio, {_SHAPE_ARGS}) -> Tensor")
+LIBRARY.define("roi_pool_forward(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+               "int pooled_width) -> (Tensor, Tensor)")
+LIBRARY.define("roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, int pooled_height, "
+               f"int pooled_width, {_SHAPE_ARGS}) -> Tensor")
+LIBRARY.define("ps_roi_pool_forward(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+               "int pooled_width) -> Tensor")
+LIBRARY.define("ps_roi_pool_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
+               f"int pooled_width, {_SHAPE_ARGS}) -> Tensor")
+LIBRARY.define("deform_roi_pool_forward(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, int pooled_height, "
+               "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> Tensor")
+LIBRARY.define("deform_roi_pool_backward(Tensor grad, Tensor input, Tensor rois, Tensor? offset, Tensor? mask, "
+               "int pooled_height, int pooled_width, float spatial_scale, int sampling_ratio, float gamma, "
+               "bool[] needs) -> (Tensor, Tensor, Tensor)")
+LIBRARY.define("deform_psroi_pool_forward(Tensor input, Tensor rois, Tensor? offset, float spatial_scale, "
+               "int output_dim, int group_size, int pooled_size, int part_size, int sample_per_part, "
+               "float trans_std) -> Tensor")
+LIBRARY.define("deform_psroi_pool_backward(Tensor grad, Tensor input, Tensor rois, Tensor? offset, "
+               "float spatial_scale, int output_dim, int group_size, int pooled_size, int part_size, "
+               "int sample_per_part, float trans_std, bool[] needs) -> (Tensor, Tensor)")
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("tvm_dcn RoI operators: double backward (differentiating their gradients) is not supported")
+
+
+def _unneeded(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A gradient a backward operator does not compute: an empty tensor (custom-op outputs are tensors)."""
+    return like.new_empty(0) if t is None else t
+
+
+def _pooled_channels(channels, output_size, position_sensitive: bool):
+    return channels // (output_size[0] * output_size[1]) if position_sensitive else channels
+
+
+# RoI Align and PS RoI Align.
+
+@implements("roi_align_forward")
+def _roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    plan = _AlignPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, sampling_ratio, aligned,
+                      False)
+    return plan.forward(input)
+
+
+@implements("roi_align_backward")
+def _roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
+                        sampling_ratio, aligned):
+    plan = _AlignPlan((batch_size, channels, height, width), grad, rois, (pooled_height, pooled_width), spatial_scale,
+                      sampling_ratio, aligned, False)
+    return plan.backward(grad)
+
+
+@implements("ps_roi_align_forward")
+def _ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    plan = _AlignPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, sampling_ratio, True,
+                      True)
+    return plan.forward(input)
+
+
+@implements("ps_roi_align_backward")
+def _ps_roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, batch_size,
+                           channels, height, width):
+    plan = _AlignPlan((batch_size, channels, height, width), grad, rois, (pooled_height, pooled_width), spatial_scale,
+                      sampling_ratio, True, True)
+    return plan.backward(grad)
+
+
+@torch.library.register_fake("tvm_dcn::roi_align_forward")
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("tvm_dcn::ps_roi_align_forward")
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    channels = _pooled_channels(input.shape[1], (pooled_height, pooled_width), True)
+    return input.new_empty((rois.shape[0], channels, pooled_height, pooled_width))
+
+
+@torch.library.register_fake("tvm_dcn::roi_align_backward")
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
+      aligned):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+@torch.library.register_fake("tvm_dcn::ps_roi_align_backward")
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, batch_size, channels, height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _save_rois(ctx, inputs, output):
+    """setup_context of the operators whose backward needs the boxes and the input's shape."""
+    input, rois, *params = inputs
+    ctx.save_for_backward(rois)
+    ctx.params, ctx.input_shape = params, tuple(input.shape)
+
+
+def _roi_align_grad(ctx, grad):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        (rois,) = ctx.saved_tensors
+        spatial_scale, ph, pw, sampling_ratio, aligned = ctx.params
+        grad_input = torch.ops.tvm_dcn.roi_align_backward.default(grad, rois, spatial_scale, ph, pw, *ctx.input_shape,
+                                                                  sampling_ratio, aligned)
+    return grad_input, None, None, None, None, None, None
+
+
+def _ps_roi_align_grad(ctx, grad):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        (rois,) = ctx.saved_tensors
+        spatial_scale, ph, pw, sampling_ratio = ctx.params
+        grad_input = torch.ops.tvm_dcn.ps_roi_align_backward.default(grad, rois, spatial_scale, ph, pw,
+                                                                     sampling_ratio, *ctx.input_shape)
+    return grad_input, None, None, None, None, None
+
+
+torch.library.register_autograd("tvm_dcn::roi_align_forward", _roi_align_grad, setup_context=_save_rois)
+torch.library.register_autograd("tvm_dcn::ps_roi_align_forward", _ps_roi_align_grad, setup_context=_save_rois)
+
+
+# RoI Pool and PS RoI Pool.
+
+@implements("roi_pool_forward")
+def _roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width):
+    plan = _PoolPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, False)
+    return plan.forward(input)
+
+
+@implements("roi_pool_backward")
+def _roi_pool_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
+                       width):
+    plan = _PoolPlan((batch_size, channels, height, width), grad, rois, (pooled_height, pooled_width), spatial_scale,
+                     False)
+    return plan.backward(grad, argmax)
+
+
+@implements("ps_roi_pool_forward")
+def _ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width):
+    plan = _PoolPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, True)
+    return plan.forward(input)[0]
+
+
+@implements("ps_roi_pool_backward")
+def _ps_roi_pool_backward(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
+    plan = _PoolPlan((batch_size, channels, height, width), grad, rois, (pooled_height, pooled_width), spatial_scale,
+                     True)
+    return plan.backward(grad)
+
+
+@torch.library.register_fake("tvm_dcn::roi_pool_forward")
+def _(input, rois, spatial_scale, pooled_height, pooled_width):
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("tvm_dcn::ps_roi_pool_forward")
+def _(input, rois, spatial_scale, pooled_height, pooled_width):
+    channels = _pooled_channels(input.shape[1], (pooled_height, pooled_width), True)
+    return input.new_empty((rois.shape[0], channels, pooled_height, pooled_width))
+
+
+@torch.library.register_fake("tvm_dcn::roi_pool_backward")
+def _(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+@torch.library.register_fake("tvm_dcn::ps_roi_pool_backward")
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _roi_pool_setup(ctx, inputs, output):
+    input, rois, *params = inputs
+    ctx.save_for_backward(rois, output[1])
+    ctx.params, ctx.input_shape = params, tuple(input.shape)
+
+
+def _roi_pool_grad(ctx, grad, grad_argmax):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        rois, argmax = ctx.saved_tensors
+        spatial_scale, ph, pw = ctx.params
+        grad_input = torch.ops.tvm_dcn.roi_pool_backward.default(grad, rois, argmax, spatial_scale, ph, pw,
+                                                                 *ctx.input_shape)
+    return grad_input, None, None, None, None
+
+
+def _ps_roi_pool_grad(ctx, grad):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        (rois,) = ctx.saved_tensors
+        spatial_scale, ph, pw = ctx.params
+        grad_input = torch.ops.tvm_dcn.ps_roi_pool_backward.default(grad, rois, spatial_scale, ph, pw, *ctx.input_shape)
+    return grad_input, None, None, None, None
+
+
+torch.library.register_autograd("tvm_dcn::roi_pool_forward", _roi_pool_grad, setup_context=_roi_pool_setup)
+torch.library.register_autograd("tvm_dcn::ps_roi_pool_forward", _ps_roi_pool_grad, setup_context=_save_rois)
+
+
+# Deformable RoI pooling (mmcv) and deformable PS RoI pooling (Deformable-ConvNets).
+
+def _deform_plan(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma):
+    return _DeformPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, sampling_ratio, gamma,
+                       offset is not None, mask is not None)
+
+
+@implements("deform_roi_pool_forward")
+def _deform_roi_pool_forward(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio,
+                             gamma):
+    plan = _deform_plan(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma)
+    return plan.forward(input, offset, mask)
+
+
+@implements("deform_roi_pool_backward")
+def _deform_roi_pool_backward(grad, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale,
+                              sampling_ratio, gamma, needs):
+    plan = _deform_plan(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma)
+    return tuple(_unneeded(g, input) for g in plan.backward(grad, needs, input, offset, mask))
+
+
+def _psroi_plan(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
+                trans_std):
+    num_classes = 1 if offset is None else offset.shape[1] // 2
+    return _PSDeformPlan(input.shape, input, rois, spatial_scale, trans_std, output_dim, group_size, pooled_size,
+                         part_size, sample_per_part, num_classes, offset is None)
+
+
+@implements("deform_psroi_pool_forward")
+def _deform_psroi_pool_forward(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+                               sample_per_part, trans_std):
+    plan = _psroi_plan(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+                       sample_per_part, trans_std)
+    return plan.forward(input, offset)
+
+
+@implements("deform_psroi_pool_backward")
+def _deform_psroi_pool_backward(grad, input, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
+                                part_size, sample_per_part, trans_std, needs):
+    plan = _psroi_plan(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+                       sample_per_part, trans_std)
+    return tuple(_unneeded(g, input) for g in plan.backward(grad, needs, input, offset))
+
+
+@torch.library.register_fake("tvm_dcn::deform_roi_pool_forward")
+def _(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("tvm_dcn::deform_roi_pool_backward")
+def _(grad, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, needs):
+    return tuple(t.new_empty(t.shape) if need and t is not None else input.new_empty(0)
+                 for t, need in zip((input, offset, mask), needs))
+
+
+@torch.library.register_fake("tvm_dcn::deform_psroi_pool_forward")
+def _(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std):
+    return input.new_empty((rois.shape[0], output_dim, pooled_size, pooled_size))
+
+
+@torch.library.register_fake("tvm_dcn::deform_psroi_pool_backward")
+def _(grad, input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
+      trans_std, needs):
+    return tuple(t.new_empty(t.shape) if need and t is not None else input.new_empty(0)
+                 for t, need in zip((input, offset), needs))
+
+
+def _deform_setup(optional: int):
+    """setup_context of a deformable pooling: saves input, rois and its ``optional`` optional tensors
+    (None where absent); the scalar arguments after them go to the backward operator."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2 + optional])
+        ctx.params = inputs[2 + optional:]
+    return setup
+
+
+def _deform_roi_pool_grad(ctx, grad):
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    grads = [None, None, None]
+    if any(needs):
+        input, rois, offset, mask = ctx.saved_tensors
+        out = torch.ops.tvm_dcn.deform_roi_pool_backward.default(grad, input, rois, offset, mask, *ctx.params, needs)
+        grads = [g if need else None for g, need in zip(out, needs)]
+    return grads[0], None, grads[1], grads[2], None, None, None, None, None
+
+
+def _deform_psroi_pool_grad(ctx, grad):
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
+    grads = [None, None]
+    if any(needs):
+        input, rois, offset = ctx.saved_tensors
+        out = torch.ops.tvm_dcn.deform_psroi_pool_backward.default(grad, input, rois, offset, *ctx.params, needs)
+        grads = [g if need else None for g, need in zip(out, needs)]
+    return grads[0], None, grads[1], None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("tvm_dcn::deform_roi_pool_forward", _deform_roi_pool_grad,
+                                setup_context=_deform_setup(2))
+torch.library.register_autograd("tvm_dcn::deform_psroi_pool_forward", _deform_psroi_pool_grad,
+                                setup_context=_deform_setup(1))
+for _name in ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool"):
+    # Gradients computed with create_graph=True record the backward operator; differentiating them
+    # raises, as torchvision does, instead of finding no path to the inputs.
+    torch.library.register_autograd(f"tvm_dcn::{_name}_backward", _no_double_backward)
 
 
 # --------------------------------------------------------------------------------------------
 # Functions
-
-
-def _align_like(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, position_sensitive):
-    _check_input(input)
-    output_size = _output_size(output_size)
-    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
-    sampling_ratio = _int(sampling_ratio, "sampling_ratio")
-    if not isinstance(aligned, bool):
-        raise TypeError(f"aligned must be a bool, got {aligned!r}")
-    if position_sensitive:
-        _check_ps_channels(input, output_size)
-    rois = _rois(boxes, input, spatial_scale)
-    plan = _AlignPlan(input, rois, output_size, spatial_scale, sampling_ratio, aligned, position_sensitive)
-    return _RoIFunction.apply(plan, input, None, None)
-
-
-def _check_ps_channels(input, output_size) -> None:
-    bins = output_size[0] * output_size[1]
-    if input.shape[1] % bins:
-        raise ValueError(f"input has {input.shape[1]} channels, not a multiple of output_size[0] * output_size[1] "
-                         f"= {bins} (position-sensitive pooling reads one channel group per bin)")
 
 
 def roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
@@ -440,7 +755,23 @@ def roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_s
     ``ceil(roi_size / output_size)``, when ``sampling_ratio <= 0``). ``aligned=True`` shifts the box
     by -0.5 pixel; ``aligned=False`` raises RoI sizes below 1 to 1.
     """
-    return _align_like(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
+    _check_input(input)
+    ph, pw = _output_size(output_size)
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
+    sampling_ratio = _int(sampling_ratio, "sampling_ratio")
+    if not isinstance(aligned, bool):
+        raise TypeError(f"aligned must be a bool, got {aligned!r}")
+    rois = _rois(boxes, input)
+    if is_plain_eager_call(input):
+        return _roi_align_forward(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
+    return torch.ops.tvm_dcn.roi_align_forward.default(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
+
+
+def _check_ps_channels(input, output_size) -> None:
+    bins = output_size[0] * output_size[1]
+    if input.shape[1] % bins:
+        raise ValueError(f"input has {input.shape[1]} channels, not a multiple of output_size[0] * output_size[1] "
+                         f"= {bins} (position-sensitive pooling reads one channel group per bin)")
 
 
 def ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
@@ -449,23 +780,27 @@ def ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatia
 
     Unlike torchvision, a degenerate box with adaptive sampling (no sample in its bins) gives 0,
     not NaN (torchvision divides 0 by a sample count of 0)."""
-    return _align_like(input, boxes, output_size, spatial_scale, sampling_ratio, True, True)
-
-
-def _pool_like(input, boxes, output_size, spatial_scale, position_sensitive):
     _check_input(input)
-    output_size = _output_size(output_size)
+    ph, pw = _output_size(output_size)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
-    if position_sensitive:
-        _check_ps_channels(input, output_size)
-    rois = _rois(boxes, input, spatial_scale)
-    return _RoIFunction.apply(_PoolPlan(input, rois, output_size, spatial_scale, position_sensitive), input, None, None)
+    sampling_ratio = _int(sampling_ratio, "sampling_ratio")
+    _check_ps_channels(input, (ph, pw))
+    rois = _rois(boxes, input)
+    if is_plain_eager_call(input):
+        return _ps_roi_align_forward(input, rois, spatial_scale, ph, pw, sampling_ratio)
+    return torch.ops.tvm_dcn.ps_roi_align_forward.default(input, rois, spatial_scale, ph, pw, sampling_ratio)
 
 
 def roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
     """RoI max pooling (``torchvision.ops.roi_pool``): (K, C, PH, PW); the gradient goes to the
     first maximum of each bin (row-major order); empty bins are 0."""
-    return _pool_like(input, boxes, output_size, spatial_scale, False)
+    _check_input(input)
+    ph, pw = _output_size(output_size)
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
+    rois = _rois(boxes, input)
+    if is_plain_eager_call(input):
+        return _roi_pool_forward(input, rois, spatial_scale, ph, pw)[0]
+    return torch.ops.tvm_dcn.roi_pool_forward.default(input, rois, spatial_scale, ph, pw)[0]
 
 
 def ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
@@ -474,7 +809,14 @@ def ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial
     As torchvision's forward, bins are clipped to the first H - 1 rows and W - 1 columns. The
     gradient is that of this forward function; torchvision's backward clips to H and W instead,
     so the two differ for boxes that reach the last row or column."""
-    return _pool_like(input, boxes, output_size, spatial_scale, True)
+    _check_input(input)
+    ph, pw = _output_size(output_size)
+    spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
+    _check_ps_channels(input, (ph, pw))
+    rois = _rois(boxes, input)
+    if is_plain_eager_call(input):
+        return _ps_roi_pool_forward(input, rois, spatial_scale, ph, pw)
+    return torch.ops.tvm_dcn.ps_roi_pool_forward.default(input, rois, spatial_scale, ph, pw)
 
 
 def deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], output_size: IntPair,
@@ -493,16 +835,17 @@ def deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Ten
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
     sampling_ratio = _int(sampling_ratio, "sampling_ratio")
     gamma = _real(gamma, "gamma")
-    rois = _rois(rois, input, spatial_scale, name="rois")
+    rois = _rois(rois, input, name="rois")
     k = rois.shape[0]
     if offset is not None:
         _check_param(offset, "offset", (k, 2) + output_size, input)
     if mask is not None:
-        shape = (k, 1) + output_size if mask.dim() == 4 else (k,) + output_size
+        shape = (k, 1) + output_size if isinstance(mask, torch.Tensor) and mask.dim() == 4 else (k,) + output_size
         _check_param(mask, "mask", shape, input)
-    plan = _DeformPlan(input, rois, output_size, spatial_scale, sampling_ratio, gamma, offset is not None,
-                       mask is not None)
-    return _RoIFunction.apply(plan, input, offset, mask)
+    args = (input, rois, offset, mask, *output_size, spatial_scale, sampling_ratio, gamma)
+    if is_plain_eager_call(input, offset, mask):
+        return _deform_roi_pool_forward(*args)
+    return torch.ops.tvm_dcn.deform_roi_pool_forward.default(*args)
 
 
 def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], spatial_scale: float,
@@ -531,9 +874,8 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
     if input.shape[1] != output_dim * group_size * group_size:
         raise ValueError(f"input has {input.shape[1]} channels; expected output_dim * group_size**2 = "
                          f"{output_dim * group_size * group_size}")
-    rois = _rois(rois, input, spatial_scale, name="rois")
+    rois = _rois(rois, input, name="rois")
     k = rois.shape[0]
-    num_classes = 1
     if no_trans:
         offset = None
     else:
@@ -547,10 +889,11 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
             raise ValueError(f"offset has {num_classes} classes (channels / 2), which do not divide output_dim = "
                              f"{output_dim}")
         _check_param(offset, "offset", (k, 2 * num_classes, part_size, part_size), input)
-    plan = _PSDeformPlan(input, rois, spatial_scale, trans_std, output_dim, group_size, pooled_size, part_size,
-                         sample_per_part, num_classes, no_trans)
-    return _RoIFunction.apply(plan, input, offset, None)
-
+    args = (input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
+            trans_std)
+    if is_plain_eager_call(input, offset):
+        return _deform_psroi_pool_forward(*args)
+    return torch.ops.tvm_dcn.deform_psroi_pool_forward.default(*args)
 
 # --------------------------------------------------------------------------------------------
 # Modules
