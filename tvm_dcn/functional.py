@@ -6,8 +6,10 @@ its architecture and model, so its tuning records), on that device and on torch'
 stream of it (``Kernel.__call__``), so they order with the surrounding torch work and can be
 captured in CUDA graphs (call once before capturing: the first call loads the kernels).
 The kernels are registered as ``torch.library`` operators (``torch.ops.tvm_dcn.*``, with fake
-implementations for ``torch.compile``), and :class:`DeformConv2dFunction` wires the forward and
-backward kernels into autograd. Backward kernels compute only the gradients autograd asks for.
+implementations for ``torch.compile``), and ``torch.library.register_autograd`` wires the
+forward and backward operators into autograd (so ``torch.ops.tvm_dcn.deform_conv2d_forward`` is
+differentiable on its own). Backward kernels compute only the gradients autograd asks for.
+The RoI family (``roi.py``) defines its operators in the same library, the same way.
 
 The operators are defined with ``torch.library.Library`` and implemented for the CPU and CUDA
 dispatch keys rather than with the ``torch.library.custom_op`` decorator: measured here side by
@@ -112,7 +114,8 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
     """The plan key of a call that may bypass the operator: plain tensors, nothing to differentiate,
     no tracing, no dispatch or function mode that must see the operator, no workload recorder;
     None otherwise (the call goes through ``torch.ops.tvm_dcn``)."""
-    if not is_plain_eager_call(input, offset, weight, bias, mask) or _workloads._active_recorders:
+    if (input is None or offset is None or weight is None or not is_plain_eager_call(input, offset, weight, bias, mask)
+            or _workloads._active_recorders):
         return None
     conv = (_int_or_pair(stride), _int_or_pair(padding), _int_or_pair(dilation))
     if None in conv:
@@ -235,8 +238,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
                          "(more than 2**31 elements in an intermediate); split the batch")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)):
-        return DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride_hw, padding_hw, dilation_hw)
-    # Nothing to differentiate: skip autograd's bookkeeping (tens of microseconds a call).
+        return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
+    # Nothing to differentiate: skip the operator's dispatch and autograd (tens of microseconds a call).
     if key is not None and not _is_empty(input, weight):
         if len(_eager_plans) >= _MAX_EAGER_PLANS:  # many input sizes: forget the older ones
             _eager_plans.clear()
@@ -425,21 +428,23 @@ _forward_op = torch.ops.tvm_dcn.deform_conv2d_forward.default
 _backward_op = torch.ops.tvm_dcn.deform_conv2d_backward.default
 
 
-class DeformConv2dFunction(torch.autograd.Function):
-    """Autograd for :func:`deform_conv2d` (first derivatives; double backward is not supported)."""
+def _save_for_backward(ctx, inputs, output):
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.conv = (stride, padding, dilation, bias is not None)
 
-    @staticmethod
-    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation):
-        ctx.conv = (list(stride), list(padding), list(dilation), bias is not None)
-        ctx.save_for_backward(input, offset, weight, mask)
-        return _forward_op(input, offset, weight, bias, mask, list(stride), list(padding), list(dilation))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, offset, weight, mask = ctx.saved_tensors
-        stride, padding, dilation, with_bias = ctx.conv
-        needs = list(ctx.needs_input_grad[:5])  # input, offset, weight, bias, mask
-        order = [needs[0], needs[1], needs[4], needs[2], needs[3]]  # the op's order: input, offset, mask, weight, bias
-        grads = _backward_op(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation, order)
-        g_input, g_offset, g_mask, g_weight, g_bias = (g if need else None for g, need in zip(grads, order))
-        return g_input, g_offset, g_weight, g_bias, g_mask, None, None, None
+def _forward_grad(ctx, grad_output):
+    """Autograd of ``deform_conv2d_forward``: the gradients autograd asks for, from one backward call."""
+    input, offset, weight, mask = ctx.saved_tensors
+    stride, padding, dilation, with_bias = ctx.conv
+    needs = ctx.needs_input_grad[:5]  # input, offset, weight, bias, mask
+    order = [needs[0], needs[1], needs[4], needs[2], needs[3]]  # the op's order: input, offset, mask, weight, bias
+    if not any(order):
+        return None, None, None, None, None, None, None, None
+    grads = _backward_op(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation, order)
+    g_input, g_offset, g_mask, g_weight, g_bias = (g if need else None for g, need in zip(grads, order))
+    return g_input, g_offset, g_weight, g_bias, g_mask, None, None, None
+
+
+torch.library.register_autograd("tvm_dcn::deform_conv2d_forward", _forward_grad, setup_context=_save_for_backward)
