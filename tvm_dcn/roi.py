@@ -895,6 +895,12 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
         return _deform_psroi_pool_forward(*args)
     return torch.ops.tvm_dcn.deform_psroi_pool_forward.default(*args)
 
+# torch.fx: each function is one leaf node of a symbolically traced graph (as torchvision's ops),
+# so models with the modules below trace and torchvision's create_feature_extractor works.
+for _function in ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool"):
+    torch.fx.wrap(_function)
+
+
 # --------------------------------------------------------------------------------------------
 # Modules
 
