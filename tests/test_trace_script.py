@@ -72,3 +72,44 @@ def test_create_feature_extractor_returns_intermediate_outputs():
     features = extractor(x, boxes)
     for name in ("mdcn", "align", "deform"):
         torch.testing.assert_close(features[name], seen[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Exceptions: instances of what torchvision raises for the same mistake, with our messages.
+
+import pytest  # noqa: E402
+import torchvision  # noqa: E402
+
+_X = torch.randn(2, 12, 9, 11)
+_BOX = torch.tensor([[0.0, 1.0, 1.0, 5.0, 4.0]])
+_W = torch.randn(4, 12, 3, 3)
+_OFF = torch.randn(2, 18, 7, 9)
+# name -> (call on a module of functions (torchvision.ops or tvm_dcn), words our message names)
+_BAD_CALLS = {
+    "boxes_k4": (lambda m: m.roi_align(_X, torch.zeros(3, 4), 2), "boxes"),
+    "boxes_not_a_tensor": (lambda m: m.roi_align(_X, "boxes", 2), "boxes"),
+    "box_list_of_k5": (lambda m: m.roi_align(_X, [torch.zeros(2, 5)], 2), r"boxes\[0\]"),
+    "roi_pool_boxes_k4": (lambda m: m.roi_pool(_X, torch.zeros(3, 4), 2), "boxes"),
+    "input_3d": (lambda m: m.roi_align(_X[0], _BOX, 2), "input"),
+    "input_int": (lambda m: m.roi_align(_X.int(), _BOX, 2), "dtype"),
+    "ps_channels": (lambda m: m.ps_roi_align(_X, _BOX, 3), "channels"),
+    "conv_offset_size": (lambda m: m.deform_conv2d(_X, _OFF[:, :, :5], _W), "offset"),
+    "conv_offset_channels": (lambda m: m.deform_conv2d(_X, _OFF[:, :17], _W), "offset"),
+    "conv_weight_groups": (lambda m: m.deform_conv2d(_X, _OFF, torch.randn(4, 5, 3, 3)), r"weight\.shape\[1\]"),
+    "conv_input_3d": (lambda m: m.deform_conv2d(_X[0], _OFF, _W), "input"),
+    "conv_mask_shape": (lambda m: m.deform_conv2d(_X, _OFF, _W, mask=torch.ones(2, 8, 7, 9)), "mask"),
+    "conv_bias_shape": (lambda m: m.deform_conv2d(_X, _OFF, _W, bias=torch.ones(5)), "bias"),
+    "conv_dtype_mix": (lambda m: m.deform_conv2d(_X, _OFF.double(), _W), "offset"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_CALLS))
+def test_exceptions_are_instances_of_torchvisions(case):
+    call, names = _BAD_CALLS[case]
+    with pytest.raises(Exception) as theirs:
+        call(torchvision.ops)
+    expected = type(theirs.value)
+    assert expected in (RuntimeError, AssertionError, ValueError), expected  # what torchvision raises here
+    with pytest.raises(expected, match=names) as ours:
+        call(tvm_dcn)
+    assert isinstance(ours.value, (ValueError, TypeError))  # and still what tvm_dcn documents

@@ -46,29 +46,46 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
 
 
+class ArgumentValueError(ValueError, RuntimeError):
+    """A bad argument value or shape. A ``ValueError`` naming the argument, and a ``RuntimeError``:
+    the type torchvision's operators raise for the same mistake, so code written for them catches it."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype (``TypeError``; also ``RuntimeError``, as torchvision)."""
+
+
+class BoxFormatError(ArgumentValueError, AssertionError):
+    """Boxes of the wrong shape: also an ``AssertionError``, which torchvision's box checks raise."""
+
+
+class BoxTypeError(ArgumentTypeError, AssertionError):
+    """Boxes of the wrong type (``TypeError``; also ``AssertionError``, as torchvision's box checks)."""
+
+
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
         return (value, value)
     try:
         items = tuple(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     return items  # type: ignore[return-value]
 
 
 def _check_tensor(t, name: str, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-d tensor, got shape {tuple(t.shape)}")
+        raise ArgumentValueError(f"{name} must be a {ndim}-d tensor, got shape {tuple(t.shape)}")
     if t.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; tvm_dcn supports float32 and float64")
+        raise ArgumentTypeError(f"{name} has dtype {t.dtype}; tvm_dcn supports float32 and float64")
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,7 +102,7 @@ def device_target(device: torch.device, name: str = "input"):
         return None
     if device.type == "cuda":
         return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
-    raise ValueError(f"{name} is on {device}; tvm_dcn runs on CPU and CUDA devices")
+    raise ArgumentValueError(f"{name} is on {device}; tvm_dcn runs on CPU and CUDA devices")
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
@@ -185,57 +202,57 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         _check_tensor(mask, "mask", 4)
     stride_hw, padding_hw, dilation_hw = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if min(stride_hw) < 1:
-        raise ValueError(f"stride must be positive, got {stride}")
+        raise ArgumentValueError(f"stride must be positive, got {stride}")
     if min(padding_hw) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding}")
+        raise ArgumentValueError(f"padding must be non-negative, got {padding}")
     if min(dilation_hw) < 1:
-        raise ValueError(f"dilation must be positive, got {dilation}")
+        raise ArgumentValueError(f"dilation must be positive, got {dilation}")
 
     for name, t in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask)):
         if t is None:
             continue
         if t.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all must match")
+            raise ArgumentTypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all must match")
         if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
+            raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
     device_target(input.device, "input")
 
     batch, in_channels, height, width = input.shape
     out_channels, weight_in_channels, kernel_h, kernel_w = weight.shape
     if weight_in_channels == 0 or kernel_h == 0 or kernel_w == 0:
-        raise ValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
+        raise ArgumentValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
     if in_channels % weight_in_channels:
-        raise ValueError(f"input has {in_channels} channels, not a multiple of weight.shape[1] = "
+        raise ArgumentValueError(f"input has {in_channels} channels, not a multiple of weight.shape[1] = "
                          f"{weight_in_channels} (the channels per group)")
     groups = in_channels // weight_in_channels
     if out_channels % groups:
-        raise ValueError(f"weight has {out_channels} output channels, not divisible by groups = {groups}")
+        raise ArgumentValueError(f"weight has {out_channels} output channels, not divisible by groups = {groups}")
     taps = kernel_h * kernel_w
     if offset.shape[1] == 0 or offset.shape[1] % (2 * taps):
-        raise ValueError(f"offset has {offset.shape[1]} channels; expected a positive multiple of "
+        raise ArgumentValueError(f"offset has {offset.shape[1]} channels; expected a positive multiple of "
                          f"2 * kernel_h * kernel_w = {2 * taps}")
     offset_groups = offset.shape[1] // (2 * taps)
     if in_channels % offset_groups:
-        raise ValueError(f"offset implies {offset_groups} offset groups, which do not divide the "
+        raise ArgumentValueError(f"offset implies {offset_groups} offset groups, which do not divide the "
                          f"{in_channels} input channels")
     out_h = output_size(height, kernel_h, stride_hw[0], padding_hw[0], dilation_hw[0])
     out_w = output_size(width, kernel_w, stride_hw[1], padding_hw[1], dilation_hw[1])
     if out_h < 1 or out_w < 1:
         extent = (dilation_hw[0] * (kernel_h - 1) + 1, dilation_hw[1] * (kernel_w - 1) + 1)
-        raise ValueError(f"the output would be empty ({out_h}x{out_w}): input {height}x{width} with padding "
+        raise ArgumentValueError(f"the output would be empty ({out_h}x{out_w}): input {height}x{width} with padding "
                          f"{padding_hw} is smaller than the dilated kernel extent {extent[0]}x{extent[1]}")
     if offset.shape[0] != batch or tuple(offset.shape[2:]) != (out_h, out_w):
-        raise ValueError(f"offset has shape {tuple(offset.shape)}; expected ({batch}, {offset.shape[1]}, "
+        raise ArgumentValueError(f"offset has shape {tuple(offset.shape)}; expected ({batch}, {offset.shape[1]}, "
                          f"{out_h}, {out_w}) for the batch and output size")
     if bias is not None and bias.shape[0] != out_channels:
-        raise ValueError(f"bias has {bias.shape[0]} elements; expected {out_channels} (weight.shape[0])")
+        raise ArgumentValueError(f"bias has {bias.shape[0]} elements; expected {out_channels} (weight.shape[0])")
     if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_h, out_w):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected "
+        raise ArgumentValueError(f"mask has shape {tuple(mask.shape)}; expected "
                          f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
     largest = max(input.numel(), batch * in_channels * taps * padded_pixels(out_h * out_w),
                   offset.numel(), batch * out_channels * out_h * out_w)
     if largest > _INT32_MAX:
-        raise ValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
+        raise ArgumentValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
                          "(more than 2**31 elements in an intermediate); split the batch")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)):
         return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from . import kernel as _kernel
-from .functional import (LIBRARY, _SUPPORTED_DTYPES, _check_tensor, _pair, device_target, implements,
-                         is_plain_eager_call, kernel_arg)
+from .functional import (LIBRARY, _SUPPORTED_DTYPES, ArgumentTypeError, ArgumentValueError, BoxFormatError,
+                         BoxTypeError, _check_tensor, _pair, device_target, implements, is_plain_eager_call,
+                         kernel_arg)
 from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
@@ -59,29 +60,29 @@ def _check_input(input, name: str = "input") -> None:
     _check_tensor(input, name, 4)
     device_target(input.device, name)
     if input.shape[2] == 0 or input.shape[3] == 0:
-        raise ValueError(f"{name} has an empty spatial size {tuple(input.shape[2:])}")
+        raise ArgumentValueError(f"{name} has an empty spatial size {tuple(input.shape[2:])}")
 
 
 def _output_size(value, name: str = "output_size") -> tuple[int, int]:
     items = _pair(value, name)
     if min(items) < 1:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise ArgumentValueError(f"{name} must be positive, got {value!r}")
     return items
 
 
 def _real(value, name: str, positive: bool = False) -> float:
     """``value`` as a finite float (positive if asked), else TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be finite{' and positive' if positive else ''}, got {value!r}")
+        raise ArgumentValueError(f"{name} must be finite{' and positive' if positive else ''}, got {value!r}")
     return value
 
 
 def _int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be an int, got {value!r}")
     return value
 
 
@@ -91,27 +92,27 @@ def _rois(boxes: Boxes, input: torch.Tensor, name: str = "boxes") -> torch.Tenso
     dtype = input.dtype
     if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
+            raise BoxFormatError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
                              f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
         return _as_float(boxes, name, dtype, input)
     if isinstance(boxes, (list, tuple)):
         parts = []
         for i, b in enumerate(boxes):
             if not isinstance(b, torch.Tensor):
-                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(b).__name__}")
+                raise BoxTypeError(f"{name}[{i}] must be a torch.Tensor, got {type(b).__name__}")
             if b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"{name}[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
+                raise BoxFormatError(f"{name}[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
             b = _as_float(b, f"{name}[{i}]", dtype, input)
             parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device), b], dim=1))
         return torch.cat(parts) if parts else input.new_zeros(0, 5)
-    raise TypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    raise BoxTypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
 
 
 def _as_float(t: torch.Tensor, name: str, dtype, input: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} has dtype {t.dtype}; boxes must be real numbers")
+        raise BoxTypeError(f"{name} has dtype {t.dtype}; boxes must be real numbers")
     if t.device != input.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {input.device}; boxes must be on the input's device")
+        raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}; boxes must be on the input's device")
     return t.detach().to(dtype)
 
 
@@ -119,37 +120,37 @@ def _check_box_values(rois: torch.Tensor, batch: int, spatial_scale: float, name
     """The values of (K, 5) ``rois`` (an operator's argument): finite, batch indices in [0, batch),
     coordinates the kernels can convert to int32."""
     if rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got shape "
+        raise BoxFormatError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got shape "
                          f"{tuple(rois.shape)}")
     if rois.shape[0] == 0:
         return
     if not torch.isfinite(rois).all():
-        raise ValueError(f"{name} contains non-finite values")
+        raise ArgumentValueError(f"{name} contains non-finite values")
     batch_index = rois[:, 0].trunc()  # torchvision converts with a C cast
     bad = (batch_index < 0) | (batch_index >= batch)
     if bad.any():
         k = int(bad.nonzero()[0])
-        raise ValueError(f"{name}: box {k} has batch index {rois[k, 0].item():g}, outside [0, {batch}) "
+        raise ArgumentValueError(f"{name}: box {k} has batch index {rois[k, 0].item():g}, outside [0, {batch}) "
                          f"for an input of batch size {batch}")
     if (rois[:, 1:].abs() * spatial_scale).max() > _MAX_COORDINATE:
-        raise ValueError(f"{name}: coordinates times spatial_scale exceed {_MAX_COORDINATE:g} pixels")
+        raise ArgumentValueError(f"{name}: coordinates times spatial_scale exceed {_MAX_COORDINATE:g} pixels")
 
 
 def _check_param(t, name: str, shape: tuple, input: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.dtype != input.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; they must match")
+        raise ArgumentTypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; they must match")
     if t.device != input.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}")
     if tuple(t.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {shape}")
+        raise ArgumentValueError(f"{name} has shape {tuple(t.shape)}; expected {shape}")
     return t
 
 
 def _check_size(shape: tuple, out_numel: int) -> None:
     if max(math.prod(shape), out_numel) > _INT32_MAX:
-        raise ValueError(f"input of shape {shape} is too large for one kernel call "
+        raise ArgumentValueError(f"input of shape {shape} is too large for one kernel call "
                          "(more than 2**31 elements); split the batch or the boxes")
 
 
@@ -165,7 +166,7 @@ def _adaptive_grid(rois: torch.Tensor, spatial_scale: float, output_size, shift:
             size = size.clamp(min=min_size)
         needed = int(torch.ceil(size / output_size[axis]).max().item())
         if needed > MAX_GRID:
-            raise ValueError(f"adaptive sampling (sampling_ratio <= 0) would take {needed} samples per bin and axis "
+            raise ArgumentValueError(f"adaptive sampling (sampling_ratio <= 0) would take {needed} samples per bin and axis "
                              f"for the largest box (limit {MAX_GRID}); pass a positive sampling_ratio")
         grid.append(grid_bucket(needed))
     return (grid[0], grid[1])
@@ -324,10 +325,10 @@ class _PoolPlan(_Plan):
 def _check_argmax(argmax: torch.Tensor, shape: tuple, pixels: int) -> None:
     """RoI Pool's backward scatters to ``argmax``: it must be the forward's (indices in [-1, H * W))."""
     if argmax.dtype != torch.int32 or tuple(argmax.shape) != shape:
-        raise ValueError(f"argmax must be the int32 {shape} tensor roi_pool_forward returned, got "
+        raise ArgumentValueError(f"argmax must be the int32 {shape} tensor roi_pool_forward returned, got "
                          f"{argmax.dtype} {tuple(argmax.shape)}")
     if argmax.numel() and (argmax.min() < -1 or argmax.max() >= pixels):
-        raise ValueError(f"argmax has indices outside [-1, {pixels}); it must be the one roi_pool_forward returned")
+        raise ArgumentValueError(f"argmax has indices outside [-1, {pixels}); it must be the one roi_pool_forward returned")
 
 
 class _DeformPlan(_Plan):
@@ -760,7 +761,7 @@ def roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_s
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
     sampling_ratio = _int(sampling_ratio, "sampling_ratio")
     if not isinstance(aligned, bool):
-        raise TypeError(f"aligned must be a bool, got {aligned!r}")
+        raise ArgumentTypeError(f"aligned must be a bool, got {aligned!r}")
     rois = _rois(boxes, input)
     if is_plain_eager_call(input):
         return _roi_align_forward(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
@@ -770,7 +771,7 @@ def roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_s
 def _check_ps_channels(input, output_size) -> None:
     bins = output_size[0] * output_size[1]
     if input.shape[1] % bins:
-        raise ValueError(f"input has {input.shape[1]} channels, not a multiple of output_size[0] * output_size[1] "
+        raise ArgumentValueError(f"input has {input.shape[1]} channels, not a multiple of output_size[0] * output_size[1] "
                          f"= {bins} (position-sensitive pooling reads one channel group per bin)")
 
 
@@ -866,13 +867,13 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
     part_size = pooled_size if part_size is None or part_size == 0 else _int(part_size, "part_size")
     sample_per_part = _int(sample_per_part, "sample_per_part")
     if not isinstance(no_trans, bool):
-        raise TypeError(f"no_trans must be a bool, got {no_trans!r}")
+        raise ArgumentTypeError(f"no_trans must be a bool, got {no_trans!r}")
     for name, v in (("output_dim", output_dim), ("group_size", group_size), ("pooled_size", pooled_size),
                     ("part_size", part_size), ("sample_per_part", sample_per_part)):
         if v < 1:
-            raise ValueError(f"{name} must be positive, got {v}")
+            raise ArgumentValueError(f"{name} must be positive, got {v}")
     if input.shape[1] != output_dim * group_size * group_size:
-        raise ValueError(f"input has {input.shape[1]} channels; expected output_dim * group_size**2 = "
+        raise ArgumentValueError(f"input has {input.shape[1]} channels; expected output_dim * group_size**2 = "
                          f"{output_dim * group_size * group_size}")
     rois = _rois(rois, input, name="rois")
     k = rois.shape[0]
@@ -880,13 +881,13 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
         offset = None
     else:
         if offset is None:
-            raise ValueError("offset is None but no_trans is False; pass no_trans=True to pool without offsets")
+            raise ArgumentValueError("offset is None but no_trans is False; pass no_trans=True to pool without offsets")
         if not isinstance(offset, torch.Tensor) or offset.dim() != 4 or offset.shape[1] == 0 or offset.shape[1] % 2:
-            raise ValueError(f"offset must be a (K, 2 * classes, part_size, part_size) tensor, got "
+            raise ArgumentValueError(f"offset must be a (K, 2 * classes, part_size, part_size) tensor, got "
                              f"{tuple(offset.shape) if isinstance(offset, torch.Tensor) else type(offset).__name__}")
         num_classes = offset.shape[1] // 2
         if output_dim % num_classes:
-            raise ValueError(f"offset has {num_classes} classes (channels / 2), which do not divide output_dim = "
+            raise ArgumentValueError(f"offset has {num_classes} classes (channels / 2), which do not divide output_dim = "
                              f"{output_dim}")
         _check_param(offset, "offset", (k, 2 * num_classes, part_size, part_size), input)
     args = (input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
@@ -999,7 +1000,7 @@ class DeformRoIPoolPack(DeformRoIPool):
 
     def _features(self, input, rois):
         if isinstance(input, torch.Tensor) and input.dim() == 4 and input.shape[1] != self.output_channels:
-            raise ValueError(f"input has {input.shape[1]} channels; this module was built for output_channels = "
+            raise ArgumentValueError(f"input has {input.shape[1]} channels; this module was built for output_channels = "
                              f"{self.output_channels}")
         x = self.pool(input, rois)
         flat = x.reshape(x.shape[0], -1)
