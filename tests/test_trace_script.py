@@ -1,7 +1,13 @@
-"""torch.fx and torchvision's feature extraction on models that mix tvm-dcn modules with plain
-torch layers: every tvm-dcn function is one leaf node (torch.fx.wrap), the traced module computes
-what the model computes (forward and gradients), and create_feature_extractor returns the
-intermediate outputs a forward hook sees."""
+"""The ways torchvision's operators are traced and deployed, on models that mix tvm-dcn modules
+with plain torch layers:
+
+- torch.fx and torchvision's feature extraction: every tvm-dcn function is one leaf node
+  (torch.fx.wrap), the traced module computes what the model computes (forward and gradients),
+  and create_feature_extractor returns the intermediate outputs a forward hook sees;
+- TorchScript: functions and modules script (calling the torch.ops.tvm_dcn operators), compute
+  what eager does, forward and gradients, and survive torch.jit.save / load;
+- exceptions: instances of the types torchvision raises for the same mistake, with our messages.
+"""
 from __future__ import annotations
 
 import torch
@@ -72,6 +78,93 @@ def test_create_feature_extractor_returns_intermediate_outputs():
     features = extractor(x, boxes)
     for name in ("mdcn", "align", "deform"):
         torch.testing.assert_close(features[name], seen[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# TorchScript.
+
+import io  # noqa: E402
+import warnings  # noqa: E402
+from typing import List  # noqa: E402
+
+
+def _script(obj):
+    with warnings.catch_warnings():  # torch.jit.script is deprecated in favour of torch.compile / export
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(obj)
+
+
+def _pool_everything(x: torch.Tensor, boxes: torch.Tensor, box_list: List[torch.Tensor], weight: torch.Tensor,
+                     offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every function, with torchvision's argument forms (int or pair sizes, box tensors or lists)."""
+    y = tvm_dcn.deform_conv2d(x, offset, weight, padding=1, mask=mask) + tvm_dcn.deform_conv2d(x, offset, weight, None,
+                                                                                              (1, 1), [1, 1])
+    pooled = [tvm_dcn.roi_align(y, boxes, [3, 2], 0.5, 2, True), tvm_dcn.roi_align(y, box_list, (3, 2), 0.5),
+              tvm_dcn.roi_pool(y, boxes, (3, 2), 0.5), tvm_dcn.deform_roi_pool(y, boxes, None, (3, 2), 0.5, 2),
+              tvm_dcn.ps_roi_align(y, boxes, 2, 0.5, 2).repeat(1, 4, 1, 1)[:, :, :, :2].repeat(1, 1, 2, 1)[:, :, :3],
+              tvm_dcn.ps_roi_pool(y, box_list, 2, 0.5).repeat(1, 4, 1, 1)[:, :, :, :2].repeat(1, 1, 2, 1)[:, :, :3]]
+    psroi = tvm_dcn.deform_psroi_pool(y, boxes, None, 0.5, 2, 2, 2, no_trans=True)
+    return torch.cat(pooled, 1).sum() + psroi.sum()
+
+
+def test_script_functions_match_eager():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 8, 9, 11, generator=g)
+    boxes = torch.tensor([[0, 1.0, 1.0, 8.0, 6.0], [1, 2.0, 0.0, 12.0, 9.0], [1, 0.0, 3.0, 20.0, 17.0]])
+    box_list = [boxes[:1, 1:], boxes[1:, 1:]]
+    weight = torch.randn(8, 8, 3, 3, generator=g) * 0.2
+    offset, mask = torch.randn(2, 18, 9, 11, generator=g), torch.rand(2, 9, 9, 11, generator=g)
+    scripted = _script(_pool_everything)
+    calls = {n.kind() for n in scripted.inlined_graph.nodes()}
+    assert {f"tvm_dcn::{name}_forward" for name in ("deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
+                                                     "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool")} <= calls
+    grads = []
+    for fn in (_pool_everything, scripted):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, offset, mask)]
+        value = fn(leaves[0], boxes, box_list, leaves[1], leaves[2], leaves[3])
+        value.backward()
+        grads.append((value.detach(), [t.grad for t in leaves]))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for a, b in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_script_modules_match_eager_and_round_trip():
+    model, x, boxes = _model_and_inputs()
+    scripted = _script(model)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x0 = x.clone().requires_grad_()
+    expected = model(x0, boxes)
+    expected.square().sum().backward()
+    for candidate in (scripted, loaded):
+        x1 = x.clone().requires_grad_()
+        actual = candidate(x1, boxes)
+        torch.testing.assert_close(actual, expected)
+        actual.square().sum().backward()
+        torch.testing.assert_close(x1.grad, x0.grad)
+
+
+def test_script_every_module():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 8, 9, 11, generator=g)
+    boxes = torch.tensor([[0, 1.0, 1.0, 8.0, 6.0], [1, 2.0, 0.0, 12.0, 9.0]])
+    cases = [
+        (tvm_dcn.RoIAlign(3, 0.5, 2, True), (x, boxes)), (tvm_dcn.RoIPool((3, 2), 0.5), (x, boxes)),
+        (tvm_dcn.PSRoIAlign((2, 2), 0.5, 2), (x, boxes)), (tvm_dcn.PSRoIPool((2, 2), 0.5), (x, boxes)),
+        (tvm_dcn.DeformRoIPool((3, 2), 0.5, 2), (x, boxes)),
+        (tvm_dcn.ModulatedDeformRoIPoolPack((3, 2), 8, 16, 0.5, 2), (x, boxes)),
+        (tvm_dcn.DeformRoIPooling(0.5, 2, 2, True, group_size=2), (x, boxes)),
+        (tvm_dcn.DeformConv2d(8, 4, 3, padding=1), (x, torch.randn(2, 18, 9, 11, generator=g))),
+        (tvm_dcn.DeformConv2dPack(8, 4, 3, padding=1), (x,)),
+    ]
+    for module, args in cases:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        torch.testing.assert_close(_script(module)(*args), module(*args), msg=type(module).__name__)
 
 
 # ------------------------------------------------------------------------------------------------

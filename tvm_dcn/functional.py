@@ -31,6 +31,7 @@ import functools
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
+from torch.jit.annotations import BroadcastingList2
 
 from . import kernel as _kernel
 from . import workloads as _workloads
@@ -167,27 +168,9 @@ def _int_or_pair(value):
     return None
 
 
-def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+def _deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
                   dilation: IntPair = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Deformable convolution v1, or modulated v2 when ``mask`` is given; torchvision's semantics.
-
-    Args:
-        input: (N, C_in, H, W).
-        offset: (N, 2 * offset_groups * KH * KW, H_out, W_out); channel ``2 * (g * KH * KW + k)`` is
-            the vertical and ``2 * (g * KH * KW + k) + 1`` the horizontal displacement of kernel tap
-            ``k = i * KW + j`` for offset group ``g``. ``offset_groups`` is inferred from the channel
-            count and must divide ``C_in``.
-        weight: (C_out, C_in / groups, KH, KW); ``groups`` is inferred as ``C_in // weight.shape[1]``.
-        bias: (C_out,) or None.
-        stride, padding, dilation: int or (h, w) pair.
-        mask: (N, offset_groups * KH * KW, H_out, W_out) or None; multiplies each bilinear sample.
-
-    Returns:
-        (N, C_out, H_out, W_out) with ``H_out = (H + 2 * pad_h - dil_h * (KH - 1) - 1) // stride_h + 1``
-        (likewise W_out). A sample at a position outside (-1, H) x (-1, W), or at a non-finite
-        position (NaN/inf offsets), contributes zero. Same dtype and device as ``input``.
-    """
     key = _eager_key(input, offset, weight, bias, mask, stride, padding, dilation)
     if key is not None:
         plan = _eager_plans.get(key)
@@ -214,7 +197,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         if t.dtype != input.dtype:
             raise ArgumentTypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all must match")
         if t.device != input.device:
-            raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
+            raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one "
+                                     "device")
     device_target(input.device, "input")
 
     batch, in_channels, height, width = input.shape
@@ -223,37 +207,37 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         raise ArgumentValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
     if in_channels % weight_in_channels:
         raise ArgumentValueError(f"input has {in_channels} channels, not a multiple of weight.shape[1] = "
-                         f"{weight_in_channels} (the channels per group)")
+                                 f"{weight_in_channels} (the channels per group)")
     groups = in_channels // weight_in_channels
     if out_channels % groups:
         raise ArgumentValueError(f"weight has {out_channels} output channels, not divisible by groups = {groups}")
     taps = kernel_h * kernel_w
     if offset.shape[1] == 0 or offset.shape[1] % (2 * taps):
         raise ArgumentValueError(f"offset has {offset.shape[1]} channels; expected a positive multiple of "
-                         f"2 * kernel_h * kernel_w = {2 * taps}")
+                                 f"2 * kernel_h * kernel_w = {2 * taps}")
     offset_groups = offset.shape[1] // (2 * taps)
     if in_channels % offset_groups:
         raise ArgumentValueError(f"offset implies {offset_groups} offset groups, which do not divide the "
-                         f"{in_channels} input channels")
+                                 f"{in_channels} input channels")
     out_h = output_size(height, kernel_h, stride_hw[0], padding_hw[0], dilation_hw[0])
     out_w = output_size(width, kernel_w, stride_hw[1], padding_hw[1], dilation_hw[1])
     if out_h < 1 or out_w < 1:
         extent = (dilation_hw[0] * (kernel_h - 1) + 1, dilation_hw[1] * (kernel_w - 1) + 1)
         raise ArgumentValueError(f"the output would be empty ({out_h}x{out_w}): input {height}x{width} with padding "
-                         f"{padding_hw} is smaller than the dilated kernel extent {extent[0]}x{extent[1]}")
+                                 f"{padding_hw} is smaller than the dilated kernel extent {extent[0]}x{extent[1]}")
     if offset.shape[0] != batch or tuple(offset.shape[2:]) != (out_h, out_w):
         raise ArgumentValueError(f"offset has shape {tuple(offset.shape)}; expected ({batch}, {offset.shape[1]}, "
-                         f"{out_h}, {out_w}) for the batch and output size")
+                                 f"{out_h}, {out_w}) for the batch and output size")
     if bias is not None and bias.shape[0] != out_channels:
         raise ArgumentValueError(f"bias has {bias.shape[0]} elements; expected {out_channels} (weight.shape[0])")
     if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_h, out_w):
         raise ArgumentValueError(f"mask has shape {tuple(mask.shape)}; expected "
-                         f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
+                                 f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
     largest = max(input.numel(), batch * in_channels * taps * padded_pixels(out_h * out_w),
                   offset.numel(), batch * out_channels * out_h * out_w)
     if largest > _INT32_MAX:
         raise ArgumentValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
-                         "(more than 2**31 elements in an intermediate); split the batch")
+                                 "(more than 2**31 elements in an intermediate); split the batch")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)):
         return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
     # Nothing to differentiate: skip the operator's dispatch and autograd (tens of microseconds a call).
@@ -264,6 +248,34 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
                                                  dilation_hw)
         return _run_forward(plan, input, offset, weight, bias, mask)
     return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
+
+
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, stride: BroadcastingList2[int] = 1,
+                  padding: BroadcastingList2[int] = 0, dilation: BroadcastingList2[int] = 1,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Deformable convolution v1, or modulated v2 when ``mask`` is given; torchvision's semantics.
+
+    Args:
+        input: (N, C_in, H, W).
+        offset: (N, 2 * offset_groups * KH * KW, H_out, W_out); channel ``2 * (g * KH * KW + k)`` is
+            the vertical and ``2 * (g * KH * KW + k) + 1`` the horizontal displacement of kernel tap
+            ``k = i * KW + j`` for offset group ``g``. ``offset_groups`` is inferred from the channel
+            count and must divide ``C_in``.
+        weight: (C_out, C_in / groups, KH, KW); ``groups`` is inferred as ``C_in // weight.shape[1]``.
+        bias: (C_out,) or None.
+        stride, padding, dilation: int or (h, w) pair.
+        mask: (N, offset_groups * KH * KW, H_out, W_out) or None; multiplies each bilinear sample.
+
+    Returns:
+        (N, C_out, H_out, W_out) with ``H_out = (H + 2 * pad_h - dil_h * (KH - 1) - 1) // stride_h + 1``
+        (likewise W_out). A sample at a position outside (-1, H) x (-1, W), or at a non-finite
+        position (NaN/inf offsets), contributes zero. Same dtype and device as ``input``.
+    """
+    if not torch.jit.is_scripting():
+        return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    # TorchScript compiles only this branch: the operator (which validates less than the function).
+    return torch.ops.tvm_dcn.deform_conv2d_forward(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
 def _workload(input, offset, weight, bias, mask, stride, padding, dilation):

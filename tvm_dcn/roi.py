@@ -31,10 +31,11 @@ import math
 import statistics
 import time
 from numbers import Real
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.jit.annotations import BroadcastingList2
 
 from . import kernel as _kernel
 from .functional import (LIBRARY, _SUPPORTED_DTYPES, ArgumentTypeError, ArgumentValueError, BoxFormatError,
@@ -44,7 +45,7 @@ from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_wor
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
 
-Boxes = Union[torch.Tensor, Sequence[torch.Tensor]]
+Boxes = Union[torch.Tensor, List[torch.Tensor]]  # (also a tuple of tensors, outside TorchScript)
 IntPair = Union[int, Sequence[int]]
 
 _INT32_MAX = 2**31 - 1
@@ -93,7 +94,7 @@ def _rois(boxes: Boxes, input: torch.Tensor, name: str = "boxes") -> torch.Tenso
     if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise BoxFormatError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
-                             f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
+                                 f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
         return _as_float(boxes, name, dtype, input)
     if isinstance(boxes, (list, tuple)):
         parts = []
@@ -112,7 +113,8 @@ def _as_float(t: torch.Tensor, name: str, dtype, input: torch.Tensor) -> torch.T
     if t.dtype == torch.bool or t.is_complex():
         raise BoxTypeError(f"{name} has dtype {t.dtype}; boxes must be real numbers")
     if t.device != input.device:
-        raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}; boxes must be on the input's device")
+        raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}; boxes must be on the "
+                                 "input's device")
     return t.detach().to(dtype)
 
 
@@ -121,7 +123,7 @@ def _check_box_values(rois: torch.Tensor, batch: int, spatial_scale: float, name
     coordinates the kernels can convert to int32."""
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise BoxFormatError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got shape "
-                         f"{tuple(rois.shape)}")
+                             f"{tuple(rois.shape)}")
     if rois.shape[0] == 0:
         return
     if not torch.isfinite(rois).all():
@@ -151,7 +153,7 @@ def _check_param(t, name: str, shape: tuple, input: torch.Tensor) -> torch.Tenso
 def _check_size(shape: tuple, out_numel: int) -> None:
     if max(math.prod(shape), out_numel) > _INT32_MAX:
         raise ArgumentValueError(f"input of shape {shape} is too large for one kernel call "
-                         "(more than 2**31 elements); split the batch or the boxes")
+                                 "(more than 2**31 elements); split the batch or the boxes")
 
 
 def _adaptive_grid(rois: torch.Tensor, spatial_scale: float, output_size, shift: float, min_size) -> tuple[int, int]:
@@ -166,8 +168,9 @@ def _adaptive_grid(rois: torch.Tensor, spatial_scale: float, output_size, shift:
             size = size.clamp(min=min_size)
         needed = int(torch.ceil(size / output_size[axis]).max().item())
         if needed > MAX_GRID:
-            raise ArgumentValueError(f"adaptive sampling (sampling_ratio <= 0) would take {needed} samples per bin and axis "
-                             f"for the largest box (limit {MAX_GRID}); pass a positive sampling_ratio")
+            raise ArgumentValueError(f"adaptive sampling (sampling_ratio <= 0) would take {needed} samples per bin "
+                                     f"and axis for the largest box (limit {MAX_GRID}); pass a positive "
+                                     "sampling_ratio")
         grid.append(grid_bucket(needed))
     return (grid[0], grid[1])
 
@@ -326,9 +329,10 @@ def _check_argmax(argmax: torch.Tensor, shape: tuple, pixels: int) -> None:
     """RoI Pool's backward scatters to ``argmax``: it must be the forward's (indices in [-1, H * W))."""
     if argmax.dtype != torch.int32 or tuple(argmax.shape) != shape:
         raise ArgumentValueError(f"argmax must be the int32 {shape} tensor roi_pool_forward returned, got "
-                         f"{argmax.dtype} {tuple(argmax.shape)}")
+                                 f"{argmax.dtype} {tuple(argmax.shape)}")
     if argmax.numel() and (argmax.min() < -1 or argmax.max() >= pixels):
-        raise ArgumentValueError(f"argmax has indices outside [-1, {pixels}); it must be the one roi_pool_forward returned")
+        raise ArgumentValueError(f"argmax has indices outside [-1, {pixels}); it must be the one roi_pool_forward "
+                                 "returned")
 
 
 class _DeformPlan(_Plan):
@@ -748,14 +752,8 @@ for _name in ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_ro
 # Functions
 
 
-def roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
+def _roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
-    """RoI Align, ``torchvision.ops.roi_align``'s signature and results: (K, C, PH, PW).
-
-    Each bin averages a ``sampling_ratio`` x ``sampling_ratio`` grid of bilinear samples (adaptive,
-    ``ceil(roi_size / output_size)``, when ``sampling_ratio <= 0``). ``aligned=True`` shifts the box
-    by -0.5 pixel; ``aligned=False`` raises RoI sizes below 1 to 1.
-    """
     _check_input(input)
     ph, pw = _output_size(output_size)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
@@ -771,16 +769,13 @@ def roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_s
 def _check_ps_channels(input, output_size) -> None:
     bins = output_size[0] * output_size[1]
     if input.shape[1] % bins:
-        raise ArgumentValueError(f"input has {input.shape[1]} channels, not a multiple of output_size[0] * output_size[1] "
-                         f"= {bins} (position-sensitive pooling reads one channel group per bin)")
+        raise ArgumentValueError(f"input has {input.shape[1]} channels, not a multiple of output_size[0] * "
+                                 f"output_size[1] = {bins} (position-sensitive pooling reads one channel group per "
+                                 "bin)")
 
 
-def ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
+def _ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
                  sampling_ratio: int = -1) -> torch.Tensor:
-    """Position-sensitive RoI Align (``torchvision.ops.ps_roi_align``): (K, C / (PH * PW), PH, PW).
-
-    Unlike torchvision, a degenerate box with adaptive sampling (no sample in its bins) gives 0,
-    not NaN (torchvision divides 0 by a sample count of 0)."""
     _check_input(input)
     ph, pw = _output_size(output_size)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
@@ -792,9 +787,7 @@ def ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatia
     return torch.ops.tvm_dcn.ps_roi_align_forward.default(input, rois, spatial_scale, ph, pw, sampling_ratio)
 
 
-def roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
-    """RoI max pooling (``torchvision.ops.roi_pool``): (K, C, PH, PW); the gradient goes to the
-    first maximum of each bin (row-major order); empty bins are 0."""
+def _roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
     _check_input(input)
     ph, pw = _output_size(output_size)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
@@ -804,12 +797,7 @@ def roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_sc
     return torch.ops.tvm_dcn.roi_pool_forward.default(input, rois, spatial_scale, ph, pw)[0]
 
 
-def ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
-    """Position-sensitive RoI average pooling (``torchvision.ops.ps_roi_pool``): (K, C / (PH * PW), PH, PW).
-
-    As torchvision's forward, bins are clipped to the first H - 1 rows and W - 1 columns. The
-    gradient is that of this forward function; torchvision's backward clips to H and W instead,
-    so the two differ for boxes that reach the last row or column."""
+def _ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
     _check_input(input)
     ph, pw = _output_size(output_size)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
@@ -820,17 +808,9 @@ def ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial
     return torch.ops.tvm_dcn.ps_roi_pool_forward.default(input, rois, spatial_scale, ph, pw)
 
 
-def deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], output_size: IntPair,
+def _deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], output_size: IntPair,
                     spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Deformable RoI pooling with mmcv's semantics: (K, C, PH, PW).
-
-    RoI Align with the half-pixel shift (``x * spatial_scale - 0.5``, as mmcv) whose bin (ph, pw)
-    moves by ``gamma * roi_width * offset[k, 0, ph, pw]`` along x and ``gamma * roi_height *
-    offset[k, 1, ph, pw]`` along y. ``offset``: (K, 2, PH, PW) or None (zero offsets: then this is
-    ``roi_align(..., aligned=True)``). ``mask`` (K, 1, PH, PW) or (K, PH, PW), optional: the
-    modulated variant, which multiplies each bin by its mask value (``ModulatedDeformRoIPoolPack``).
-    """
     _check_input(input)
     output_size = _output_size(output_size)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
@@ -849,16 +829,9 @@ def deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Ten
     return torch.ops.tvm_dcn.deform_roi_pool_forward.default(*args)
 
 
-def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], spatial_scale: float,
+def _deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], spatial_scale: float,
                       output_dim: int, group_size: int, pooled_size: int, part_size: Optional[int] = None,
                       sample_per_part: int = 4, trans_std: float = 0.0, no_trans: bool = False) -> torch.Tensor:
-    """Deformable position-sensitive RoI pooling (Deformable-ConvNets, R-FCN): (K, output_dim, P, P).
-
-    ``input`` has ``output_dim * group_size ** 2`` channels; ``offset`` ("trans") is
-    (K, 2 * classes, part_size, part_size), its channel pair (2c, 2c + 1) moving, in units of the
-    RoI's width and height times ``trans_std``, the bins of output channels ``c * output_dim /
-    classes ...``; ignored (may be None) when ``no_trans``. ``part_size`` defaults to ``pooled_size``.
-    """
     _check_input(input)
     spatial_scale = _real(spatial_scale, "spatial_scale", positive=True)
     trans_std = _real(trans_std, "trans_std")
@@ -874,7 +847,7 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
             raise ArgumentValueError(f"{name} must be positive, got {v}")
     if input.shape[1] != output_dim * group_size * group_size:
         raise ArgumentValueError(f"input has {input.shape[1]} channels; expected output_dim * group_size**2 = "
-                         f"{output_dim * group_size * group_size}")
+                                 f"{output_dim * group_size * group_size}")
     rois = _rois(rois, input, name="rois")
     k = rois.shape[0]
     if no_trans:
@@ -883,18 +856,119 @@ def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.T
         if offset is None:
             raise ArgumentValueError("offset is None but no_trans is False; pass no_trans=True to pool without offsets")
         if not isinstance(offset, torch.Tensor) or offset.dim() != 4 or offset.shape[1] == 0 or offset.shape[1] % 2:
-            raise ArgumentValueError(f"offset must be a (K, 2 * classes, part_size, part_size) tensor, got "
-                             f"{tuple(offset.shape) if isinstance(offset, torch.Tensor) else type(offset).__name__}")
+            got = tuple(offset.shape) if isinstance(offset, torch.Tensor) else type(offset).__name__
+            raise ArgumentValueError(f"offset must be a (K, 2 * classes, part_size, part_size) tensor, got {got}")
         num_classes = offset.shape[1] // 2
         if output_dim % num_classes:
-            raise ArgumentValueError(f"offset has {num_classes} classes (channels / 2), which do not divide output_dim = "
-                             f"{output_dim}")
+            raise ArgumentValueError(f"offset has {num_classes} classes (channels / 2), which do not divide "
+                                     f"output_dim = {output_dim}")
         _check_param(offset, "offset", (k, 2 * num_classes, part_size, part_size), input)
     args = (input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
             trans_std)
     if is_plain_eager_call(input, offset):
         return _deform_psroi_pool_forward(*args)
     return torch.ops.tvm_dcn.deform_psroi_pool_forward.default(*args)
+
+def _script_rois(boxes: Boxes, input: torch.Tensor) -> torch.Tensor:
+    """TorchScript's conversion of ``boxes`` to (K, 5) rows (the operators validate them)."""
+    if isinstance(boxes, torch.Tensor):
+        return boxes.to(input.dtype)
+    parts: List[torch.Tensor] = []
+    for i, b in enumerate(boxes):
+        parts.append(torch.cat([torch.full_like(b[:, :1], float(i)), b], 1))
+    if len(parts) == 0:
+        return input.new_zeros([0, 5])
+    return torch.cat(parts).to(input.dtype)
+
+
+# The public functions: validated eager calls (above), or in TorchScript the operators directly
+# (torch.ops.tvm_dcn.*: TorchScript compiles only the branch it runs).
+
+
+def roi_align(input: torch.Tensor, boxes: Boxes, output_size: BroadcastingList2[int], spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
+    """RoI Align, ``torchvision.ops.roi_align``'s signature and results: (K, C, PH, PW).
+
+    Each bin averages a ``sampling_ratio`` x ``sampling_ratio`` grid of bilinear samples (adaptive,
+    ``ceil(roi_size / output_size)``, when ``sampling_ratio <= 0``). ``aligned=True`` shifts the box
+    by -0.5 pixel; ``aligned=False`` raises RoI sizes below 1 to 1.
+    """
+    if not torch.jit.is_scripting():
+        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    return torch.ops.tvm_dcn.roi_align_forward(input, _script_rois(boxes, input), spatial_scale, output_size[0],
+                                               output_size[1], sampling_ratio, aligned)
+
+
+def ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: BroadcastingList2[int], spatial_scale: float = 1.0,
+                 sampling_ratio: int = -1) -> torch.Tensor:
+    """Position-sensitive RoI Align (``torchvision.ops.ps_roi_align``): (K, C / (PH * PW), PH, PW).
+
+    Unlike torchvision, a degenerate box with adaptive sampling (no sample in its bins) gives 0,
+    not NaN (torchvision divides 0 by a sample count of 0)."""
+    if not torch.jit.is_scripting():
+        return _ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
+    return torch.ops.tvm_dcn.ps_roi_align_forward(input, _script_rois(boxes, input), spatial_scale, output_size[0],
+                                                  output_size[1], sampling_ratio)
+
+
+def roi_pool(input: torch.Tensor, boxes: Boxes, output_size: BroadcastingList2[int],
+             spatial_scale: float = 1.0) -> torch.Tensor:
+    """RoI max pooling (``torchvision.ops.roi_pool``): (K, C, PH, PW); the gradient goes to the
+    first maximum of each bin (row-major order); empty bins are 0."""
+    if not torch.jit.is_scripting():
+        return _roi_pool(input, boxes, output_size, spatial_scale)
+    return torch.ops.tvm_dcn.roi_pool_forward(input, _script_rois(boxes, input), spatial_scale, output_size[0],
+                                              output_size[1])[0]
+
+
+def ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: BroadcastingList2[int],
+                spatial_scale: float = 1.0) -> torch.Tensor:
+    """Position-sensitive RoI average pooling (``torchvision.ops.ps_roi_pool``): (K, C / (PH * PW), PH, PW).
+
+    As torchvision's forward, bins are clipped to the first H - 1 rows and W - 1 columns. The
+    gradient is that of this forward function; torchvision's backward clips to H and W instead,
+    so the two differ for boxes that reach the last row or column."""
+    if not torch.jit.is_scripting():
+        return _ps_roi_pool(input, boxes, output_size, spatial_scale)
+    return torch.ops.tvm_dcn.ps_roi_pool_forward(input, _script_rois(boxes, input), spatial_scale, output_size[0],
+                                                 output_size[1])
+
+
+def deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor],
+                    output_size: BroadcastingList2[int], spatial_scale: float = 1.0, sampling_ratio: int = 0,
+                    gamma: float = 0.1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Deformable RoI pooling with mmcv's semantics: (K, C, PH, PW).
+
+    RoI Align with the half-pixel shift (``x * spatial_scale - 0.5``, as mmcv) whose bin (ph, pw)
+    moves by ``gamma * roi_width * offset[k, 0, ph, pw]`` along x and ``gamma * roi_height *
+    offset[k, 1, ph, pw]`` along y. ``offset``: (K, 2, PH, PW) or None (zero offsets: then this is
+    ``roi_align(..., aligned=True)``). ``mask`` (K, 1, PH, PW) or (K, PH, PW), optional: the
+    modulated variant, which multiplies each bin by its mask value (``ModulatedDeformRoIPoolPack``).
+    """
+    if not torch.jit.is_scripting():
+        return _deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask)
+    return torch.ops.tvm_dcn.deform_roi_pool_forward(input, _script_rois(rois, input), offset, mask, output_size[0],
+                                                     output_size[1], spatial_scale, sampling_ratio, gamma)
+
+
+def deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], spatial_scale: float,
+                      output_dim: int, group_size: int, pooled_size: int, part_size: Optional[int] = None,
+                      sample_per_part: int = 4, trans_std: float = 0.0, no_trans: bool = False) -> torch.Tensor:
+    """Deformable position-sensitive RoI pooling (Deformable-ConvNets, R-FCN): (K, output_dim, P, P).
+
+    ``input`` has ``output_dim * group_size ** 2`` channels; ``offset`` ("trans") is
+    (K, 2 * classes, part_size, part_size), its channel pair (2c, 2c + 1) moving, in units of the
+    RoI's width and height times ``trans_std``, the bins of output channels ``c * output_dim /
+    classes ...``; ignored (may be None) when ``no_trans``. ``part_size`` defaults to ``pooled_size``.
+    """
+    if not torch.jit.is_scripting():
+        return _deform_psroi_pool(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+                                  sample_per_part, trans_std, no_trans)
+    part = pooled_size if part_size is None or part_size == 0 else part_size
+    return torch.ops.tvm_dcn.deform_psroi_pool_forward(input, _script_rois(rois, input), None if no_trans else offset,
+                                                       spatial_scale, output_dim, group_size, pooled_size, part,
+                                                       sample_per_part, trans_std)
+
 
 # torch.fx: each function is one leaf node of a symbolically traced graph (as torchvision's ops),
 # so models with the modules below trace and torchvision's create_feature_extractor works.
@@ -962,7 +1036,8 @@ class DeformRoIPool(nn.Module):
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)
 
-    def pool(self, input, rois, offset=None, mask=None) -> torch.Tensor:
+    def pool(self, input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor] = None,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
                                self.gamma, mask=mask)
 
@@ -998,13 +1073,14 @@ class DeformRoIPoolPack(DeformRoIPool):
         bins = self.output_size[0] * self.output_size[1]
         self.offset_fc = _fc_stack(bins * output_channels, deform_fc_channels, bins * 2, 3)
 
-    def _features(self, input, rois):
-        if isinstance(input, torch.Tensor) and input.dim() == 4 and input.shape[1] != self.output_channels:
-            raise ArgumentValueError(f"input has {input.shape[1]} channels; this module was built for output_channels = "
-                             f"{self.output_channels}")
+    def _features(self, input: torch.Tensor, rois: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
+        if (not torch.jit.is_scripting() and isinstance(input, torch.Tensor) and input.dim() == 4
+                and input.shape[1] != self.output_channels):
+            raise ArgumentValueError(f"input has {input.shape[1]} channels; this module was built for "
+                                     f"output_channels = {self.output_channels}")
         x = self.pool(input, rois)
         flat = x.reshape(x.shape[0], -1)
-        offset = self.offset_fc(flat).view(x.shape[0], 2, *self.output_size)
+        offset = self.offset_fc(flat).view(x.shape[0], 2, self.output_size[0], self.output_size[1])
         return flat, offset
 
     def forward(self, input: torch.Tensor, rois: Boxes) -> torch.Tensor:  # type: ignore[override]
@@ -1024,7 +1100,7 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
 
     def forward(self, input: torch.Tensor, rois: Boxes) -> torch.Tensor:  # type: ignore[override]
         flat, offset = self._features(input, rois)
-        mask = self.mask_fc(flat).view(flat.shape[0], 1, *self.output_size)
+        mask = self.mask_fc(flat).view(flat.shape[0], 1, self.output_size[0], self.output_size[1])
         return self.pool(input, rois, offset, mask)
 
 
@@ -1040,7 +1116,7 @@ class DeformRoIPooling(nn.Module):
         self.part_size = out_size if part_size is None else part_size
         self.sample_per_part, self.trans_std = sample_per_part, trans_std
 
-    def pool(self, input, rois, offset, no_trans: bool) -> torch.Tensor:
+    def pool(self, input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], no_trans: bool) -> torch.Tensor:
         return deform_psroi_pool(input, rois, offset, self.spatial_scale, self.out_channels, self.group_size,
                                  self.out_size, self.part_size, self.sample_per_part, self.trans_std, no_trans)
 
