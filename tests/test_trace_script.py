@@ -10,8 +10,14 @@ with plain torch layers:
 """
 from __future__ import annotations
 
+import io
+import warnings
+from typing import List
+
+import pytest
 import torch
 import torch.fx
+import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
@@ -82,10 +88,6 @@ def test_create_feature_extractor_returns_intermediate_outputs():
 
 # ------------------------------------------------------------------------------------------------
 # TorchScript.
-
-import io  # noqa: E402
-import warnings  # noqa: E402
-from typing import List  # noqa: E402
 
 
 def _script(obj):
@@ -167,11 +169,31 @@ def test_script_every_module():
         torch.testing.assert_close(_script(module)(*args), module(*args), msg=type(module).__name__)
 
 
+def _scripted_roi_align(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    return tvm_dcn.roi_align(x, boxes, 3, 0.5)
+
+
+def _scripted_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return tvm_dcn.deform_conv2d(x, offset, weight)
+
+
+def test_scripted_bad_calls_raise_clear_errors():
+    """Scripted code calls the operators without the functions' validation: the operators check
+    the arguments themselves (TorchScript reports a RuntimeError carrying the message)."""
+    roi_align, conv = _script(_scripted_roi_align), _script(_scripted_deform_conv2d)
+    x, box = torch.randn(2, 12, 9, 11), torch.tensor([[0, 1.0, 1.0, 5.0, 4.0]])
+    for call, message in [(lambda: roi_align(x.int(), box), "input has dtype torch.int32"),
+                          (lambda: roi_align(x[0], box), "input must be a 4-d tensor"),
+                          (lambda: roi_align(x, box + torch.tensor([5.0, 0, 0, 0, 0])), "batch index"),
+                          (lambda: conv(x, torch.randn(2, 18, 5, 9), torch.randn(4, 12, 3, 3)), "offset has shape"),
+                          (lambda: conv(x, torch.randn(2, 18, 7, 9), torch.randn(4, 5, 3, 3)), r"weight\.shape\[1\]")]:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
 # ------------------------------------------------------------------------------------------------
 # Exceptions: instances of what torchvision raises for the same mistake, with our messages.
 
-import pytest  # noqa: E402
-import torchvision  # noqa: E402
 
 _X = torch.randn(2, 12, 9, 11)
 _BOX = torch.tensor([[0.0, 1.0, 1.0, 5.0, 4.0]])

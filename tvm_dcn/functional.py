@@ -168,14 +168,9 @@ def _int_or_pair(value):
     return None
 
 
-def _deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
-                  dilation: IntPair = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    key = _eager_key(input, offset, weight, bias, mask, stride, padding, dilation)
-    if key is not None:
-        plan = _eager_plans.get(key)
-        if plan is not None:
-            return _run_forward(plan, input, offset, weight, bias, mask)
+def check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation) -> tuple:
+    """Validates a :func:`deform_conv2d` call (the function's and the operator's: TorchScript calls
+    the operator directly); returns (stride, padding, dilation) as pairs."""
     _check_tensor(input, "input", 4)
     _check_tensor(offset, "offset", 4)
     _check_tensor(weight, "weight", 4)
@@ -238,6 +233,19 @@ def _deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tens
     if largest > _INT32_MAX:
         raise ArgumentValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
                                  "(more than 2**31 elements in an intermediate); split the batch")
+    return stride_hw, padding_hw, dilation_hw
+
+
+def _deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+                  dilation: IntPair = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    key = _eager_key(input, offset, weight, bias, mask, stride, padding, dilation)
+    if key is not None:
+        plan = _eager_plans.get(key)
+        if plan is not None:
+            return _run_forward(plan, input, offset, weight, bias, mask)
+    stride_hw, padding_hw, dilation_hw = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding,
+                                                                  dilation)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)):
         return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
     # Nothing to differentiate: skip the operator's dispatch and autograd (tens of microseconds a call).
@@ -361,6 +369,7 @@ def _run_forward(plan: _ForwardPlan, input, offset, weight, bias, mask) -> torch
 def _forward_impl(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   mask: Optional[torch.Tensor], stride: list[int], padding: list[int],
                   dilation: list[int]) -> torch.Tensor:
+    check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation)
     if _is_empty(input, weight):
         out = input.new_zeros((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
         return out + bias.view(1, -1, 1, 1) if bias is not None and input.shape[0] else out

@@ -479,11 +479,16 @@ def _pooled_channels(channels, output_size, position_sensitive: bool):
 
 # RoI Align and PS RoI Align.
 
-@implements("roi_align_forward")
 def _roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     plan = _AlignPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, sampling_ratio, aligned,
                       False)
     return plan.forward(input)
+
+
+@implements("roi_align_forward")
+def _roi_align_operator(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    _check_operator_input(input, pooled_height, pooled_width, spatial_scale)
+    return _roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
 
 
 @implements("roi_align_backward")
@@ -494,11 +499,16 @@ def _roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, 
     return plan.backward(grad)
 
 
-@implements("ps_roi_align_forward")
 def _ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
     plan = _AlignPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, sampling_ratio, True,
                       True)
     return plan.forward(input)
+
+
+@implements("ps_roi_align_forward")
+def _ps_roi_align_operator(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    _check_operator_input(input, pooled_height, pooled_width, spatial_scale, position_sensitive=True)
+    return _ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio)
 
 
 @implements("ps_roi_align_backward")
@@ -564,10 +574,15 @@ torch.library.register_autograd("tvm_dcn::ps_roi_align_forward", _ps_roi_align_g
 
 # RoI Pool and PS RoI Pool.
 
-@implements("roi_pool_forward")
 def _roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width):
     plan = _PoolPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, False)
     return plan.forward(input)
+
+
+@implements("roi_pool_forward")
+def _roi_pool_operator(input, rois, spatial_scale, pooled_height, pooled_width):
+    _check_operator_input(input, pooled_height, pooled_width, spatial_scale)
+    return _roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width)
 
 
 @implements("roi_pool_backward")
@@ -578,10 +593,15 @@ def _roi_pool_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_
     return plan.backward(grad, argmax)
 
 
-@implements("ps_roi_pool_forward")
 def _ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width):
     plan = _PoolPlan(input.shape, input, rois, (pooled_height, pooled_width), spatial_scale, True)
     return plan.forward(input)[0]
+
+
+@implements("ps_roi_pool_forward")
+def _ps_roi_pool_operator(input, rois, spatial_scale, pooled_height, pooled_width):
+    _check_operator_input(input, pooled_height, pooled_width, spatial_scale, position_sensitive=True)
+    return _ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width)
 
 
 @implements("ps_roi_pool_backward")
@@ -649,11 +669,19 @@ def _deform_plan(input, rois, offset, mask, pooled_height, pooled_width, spatial
                        offset is not None, mask is not None)
 
 
-@implements("deform_roi_pool_forward")
 def _deform_roi_pool_forward(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio,
                              gamma):
     plan = _deform_plan(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma)
     return plan.forward(input, offset, mask)
+
+
+@implements("deform_roi_pool_forward")
+def _deform_roi_pool_operator(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio,
+                              gamma):
+    _check_operator_input(input, pooled_height, pooled_width, spatial_scale)
+    _check_deform_params(input, rois.shape[0], offset, mask, (pooled_height, pooled_width))
+    return _deform_roi_pool_forward(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale,
+                                    sampling_ratio, gamma)
 
 
 @implements("deform_roi_pool_backward")
@@ -670,12 +698,20 @@ def _psroi_plan(input, rois, offset, spatial_scale, output_dim, group_size, pool
                          part_size, sample_per_part, num_classes, offset is None)
 
 
-@implements("deform_psroi_pool_forward")
 def _deform_psroi_pool_forward(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
                                sample_per_part, trans_std):
     plan = _psroi_plan(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
                        sample_per_part, trans_std)
     return plan.forward(input, offset)
+
+
+@implements("deform_psroi_pool_forward")
+def _deform_psroi_pool_operator(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+                                sample_per_part, trans_std):
+    _check_operator_input(input, pooled_size, pooled_size, spatial_scale)
+    _check_psroi_params(input, rois.shape[0], offset, output_dim, group_size, pooled_size, part_size, sample_per_part)
+    return _deform_psroi_pool_forward(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
+                                      part_size, sample_per_part, trans_std)
 
 
 @implements("deform_psroi_pool_backward")
@@ -766,6 +802,49 @@ def _roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_
     return torch.ops.tvm_dcn.roi_align_forward.default(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
+def _check_deform_params(input: torch.Tensor, k: int, offset, mask, output_size: tuple) -> None:
+    """deform_roi_pool's optional offset (K, 2, PH, PW) and mask ((K, 1, PH, PW) or (K, PH, PW))."""
+    if offset is not None:
+        _check_param(offset, "offset", (k, 2) + tuple(output_size), input)
+    if mask is not None:
+        shape = (k, 1) + tuple(output_size) if isinstance(mask, torch.Tensor) and mask.dim() == 4 else \
+            (k,) + tuple(output_size)
+        _check_param(mask, "mask", shape, input)
+
+
+def _check_psroi_params(input: torch.Tensor, k: int, offset, output_dim: int, group_size: int, pooled_size: int,
+                        part_size: int, sample_per_part: int) -> None:
+    """deform_psroi_pool's sizes, input channels and optional offset ("trans")."""
+    for name, v in (("output_dim", output_dim), ("group_size", group_size), ("pooled_size", pooled_size),
+                    ("part_size", part_size), ("sample_per_part", sample_per_part)):
+        if v < 1:
+            raise ArgumentValueError(f"{name} must be positive, got {v}")
+    if input.shape[1] != output_dim * group_size * group_size:
+        raise ArgumentValueError(f"input has {input.shape[1]} channels; expected output_dim * group_size**2 = "
+                                 f"{output_dim * group_size * group_size}")
+    if offset is None:
+        return
+    if not isinstance(offset, torch.Tensor) or offset.dim() != 4 or offset.shape[1] == 0 or offset.shape[1] % 2:
+        got = tuple(offset.shape) if isinstance(offset, torch.Tensor) else type(offset).__name__
+        raise ArgumentValueError(f"offset must be a (K, 2 * classes, part_size, part_size) tensor, got {got}")
+    num_classes = offset.shape[1] // 2
+    if output_dim % num_classes:
+        raise ArgumentValueError(f"offset has {num_classes} classes (channels / 2), which do not divide "
+                                 f"output_dim = {output_dim}")
+    _check_param(offset, "offset", (k, 2 * num_classes, part_size, part_size), input)
+
+
+def _check_operator_input(input: torch.Tensor, pooled_height: int, pooled_width: int, spatial_scale: float,
+                          position_sensitive: bool = False) -> None:
+    """The arguments a forward operator checks itself (TorchScript and direct callers reach it
+    without the functions' validation)."""
+    _check_input(input)
+    _output_size((pooled_height, pooled_width), "pooled_height, pooled_width")
+    _real(spatial_scale, "spatial_scale", positive=True)
+    if position_sensitive:
+        _check_ps_channels(input, (pooled_height, pooled_width))
+
+
 def _check_ps_channels(input, output_size) -> None:
     bins = output_size[0] * output_size[1]
     if input.shape[1] % bins:
@@ -817,12 +896,7 @@ def _deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Te
     sampling_ratio = _int(sampling_ratio, "sampling_ratio")
     gamma = _real(gamma, "gamma")
     rois = _rois(rois, input, name="rois")
-    k = rois.shape[0]
-    if offset is not None:
-        _check_param(offset, "offset", (k, 2) + output_size, input)
-    if mask is not None:
-        shape = (k, 1) + output_size if isinstance(mask, torch.Tensor) and mask.dim() == 4 else (k,) + output_size
-        _check_param(mask, "mask", shape, input)
+    _check_deform_params(input, rois.shape[0], offset, mask, output_size)
     args = (input, rois, offset, mask, *output_size, spatial_scale, sampling_ratio, gamma)
     if is_plain_eager_call(input, offset, mask):
         return _deform_roi_pool_forward(*args)
@@ -841,33 +915,18 @@ def _deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.
     sample_per_part = _int(sample_per_part, "sample_per_part")
     if not isinstance(no_trans, bool):
         raise ArgumentTypeError(f"no_trans must be a bool, got {no_trans!r}")
-    for name, v in (("output_dim", output_dim), ("group_size", group_size), ("pooled_size", pooled_size),
-                    ("part_size", part_size), ("sample_per_part", sample_per_part)):
-        if v < 1:
-            raise ArgumentValueError(f"{name} must be positive, got {v}")
-    if input.shape[1] != output_dim * group_size * group_size:
-        raise ArgumentValueError(f"input has {input.shape[1]} channels; expected output_dim * group_size**2 = "
-                                 f"{output_dim * group_size * group_size}")
     rois = _rois(rois, input, name="rois")
-    k = rois.shape[0]
     if no_trans:
         offset = None
-    else:
-        if offset is None:
-            raise ArgumentValueError("offset is None but no_trans is False; pass no_trans=True to pool without offsets")
-        if not isinstance(offset, torch.Tensor) or offset.dim() != 4 or offset.shape[1] == 0 or offset.shape[1] % 2:
-            got = tuple(offset.shape) if isinstance(offset, torch.Tensor) else type(offset).__name__
-            raise ArgumentValueError(f"offset must be a (K, 2 * classes, part_size, part_size) tensor, got {got}")
-        num_classes = offset.shape[1] // 2
-        if output_dim % num_classes:
-            raise ArgumentValueError(f"offset has {num_classes} classes (channels / 2), which do not divide "
-                                     f"output_dim = {output_dim}")
-        _check_param(offset, "offset", (k, 2 * num_classes, part_size, part_size), input)
+    elif offset is None:
+        raise ArgumentValueError("offset is None but no_trans is False; pass no_trans=True to pool without offsets")
+    _check_psroi_params(input, rois.shape[0], offset, output_dim, group_size, pooled_size, part_size, sample_per_part)
     args = (input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part,
             trans_std)
     if is_plain_eager_call(input, offset):
         return _deform_psroi_pool_forward(*args)
     return torch.ops.tvm_dcn.deform_psroi_pool_forward.default(*args)
+
 
 def _script_rois(boxes: Boxes, input: torch.Tensor) -> torch.Tensor:
     """TorchScript's conversion of ``boxes`` to (K, 5) rows (the operators validate them)."""
