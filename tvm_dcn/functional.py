@@ -9,7 +9,11 @@ The kernels are registered as ``torch.library`` operators (``torch.ops.tvm_dcn.*
 implementations for ``torch.compile``), and ``torch.library.register_autograd`` wires the
 forward and backward operators into autograd (so ``torch.ops.tvm_dcn.deform_conv2d_forward`` is
 differentiable on its own). Backward kernels compute only the gradients autograd asks for.
-The RoI family (``roi.py``) defines its operators in the same library, the same way.
+The RoI family (``roi.py``) defines its operators in the same library, the same way. Scripted
+with ``torch.jit.script``, :func:`deform_conv2d` calls the operator directly (which validates its
+arguments with :func:`check_deform_conv2d_args`, as the function does). Bad arguments raise
+:class:`ArgumentValueError` / :class:`ArgumentTypeError`: a ``ValueError`` / ``TypeError`` naming
+the argument that is also the ``RuntimeError`` torchvision raises for the same mistake.
 
 The operators are defined with ``torch.library.Library`` and implemented for the CPU and CUDA
 dispatch keys rather than with the ``torch.library.custom_op`` decorator: measured here side by

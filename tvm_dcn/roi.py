@@ -11,7 +11,10 @@ kernels, a fake implementation (``torch.compile``, ``torch.export``) and autogra
 spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)`` with torchvision's argument
 order, and ``..._backward`` operators for the gradients (double backward raises). The functions
 validate their arguments and call the operator; eager calls with nothing to differentiate call
-its kernel implementation directly (``functional.is_plain_eager_call``).
+its kernel implementation directly (``functional.is_plain_eager_call``). The forward operators
+validate their arguments too: TorchScript (the functions take torchvision's annotations and,
+scripted, call the operators) and direct callers reach them without the functions. For
+``torch.fx`` each function is one leaf node (``torch.fx.wrap``).
 
 Boxes are ``Tensor[K, 5]`` rows (batch index, x1, y1, x2, y2) or a list of ``Tensor[L, 4]`` (one per
 image), as in torchvision. Kernels are compiled per feature-map shape and *bucket* of box counts
@@ -21,9 +24,11 @@ rows that every stage skips, so a new box count rarely recompiles. Adaptive samp
 two, masking the samples a box does not have.
 
 Validation: empty box sets give empty outputs (and zero gradients); boxes outside the image and
-degenerate boxes follow the operators' definitions; wrong box shapes raise ``ValueError`` naming
-the argument in the functions; batch indices outside [0, N) and non-finite boxes raise
-``ValueError`` in the operators (the checks read the box values, so they run with the kernels).
+degenerate boxes follow the operators' definitions; wrong box shapes raise ``BoxFormatError``
+(a ``ValueError`` and, as torchvision's box checks, an ``AssertionError``) naming the argument;
+batch indices outside [0, N) and non-finite boxes raise ``ArgumentValueError`` (``ValueError``
+and, as torchvision's errors, ``RuntimeError``) in the operators (the checks read the box values,
+so they run with the kernels).
 """
 from __future__ import annotations
 
@@ -38,9 +43,8 @@ from torch import nn
 from torch.jit.annotations import BroadcastingList2
 
 from . import kernel as _kernel
-from .functional import (LIBRARY, _SUPPORTED_DTYPES, ArgumentTypeError, ArgumentValueError, BoxFormatError,
-                         BoxTypeError, _check_tensor, _pair, device_target, implements, is_plain_eager_call,
-                         kernel_arg)
+from .functional import (LIBRARY, ArgumentTypeError, ArgumentValueError, BoxFormatError, BoxTypeError,
+                         _check_tensor, _pair, device_target, implements, is_plain_eager_call, kernel_arg)
 from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
