@@ -434,11 +434,12 @@ def _op_args(cfg: Config, generator, batch=None):
 @pytest.mark.parametrize("batch", [None, 0], ids=["batch", "empty"])
 @pytest.mark.parametrize("cfg", [GRADCHECK[0], GRADCHECK[1]], ids=lambda c: c.ident())
 def test_opcheck_forward(cfg, batch, generator):
-    # Inputs do not require grad: the forward op itself has no autograd formula (autograd is
-    # DeformConv2dFunction around it), so opcheck's backward test does not apply.
+    # Every tensor requires grad: the forward op's registered autograd is checked too (gradients
+    # through AOT dispatch against eager).
     cfg, x, conv = _op_args(cfg, generator, batch)
-    torch.library.opcheck(torch.ops.tvm_dcn.deform_conv2d_forward,
-                          (x["input"], x["offset"], x["weight"], x["bias"], x["mask"], *conv))
+    leaves = [None if x[k] is None else x[k].detach().requires_grad_() for k in ("input", "offset", "weight", "bias",
+                                                                                 "mask")]
+    torch.library.opcheck(torch.ops.tvm_dcn.deform_conv2d_forward, (*leaves, *conv))
 
 
 @pytest.mark.parametrize("needs", [[True] * 5, [False, True, False, True, False], [True, False, True, False, True]],

@@ -32,12 +32,13 @@ from .kernel import Kernel, compile, clear_memory_cache, cache_dir  # noqa: E402
 from .target import host_target, target_tag  # noqa: E402
 from .functional import deform_conv2d  # noqa: E402
 from . import workloads  # noqa: E402,F401  (tvm_dcn.workloads.record, load, save)
+from . import roi as _roi  # noqa: E402,F401  (defines the RoI family's torch.ops.tvm_dcn operators: 70 ms)
 
 __all__ = [
     "Workload", "Kernel", "compile", "clear_memory_cache", "cache_dir", "host_target", "target_tag",
     "deform_conv2d", "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "DCN", "DCNv2",
 ]
-# RoI pooling family (tvm_dcn/roi.py), imported lazily.
+# RoI pooling family (tvm_dcn/roi.py).
 _ROI_NAMES = ("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool",
               "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "DeformRoIPool", "DeformRoIPoolPack",
               "ModulatedDeformRoIPoolPack", "DeformRoIPooling", "DeformRoIPoolingPack", "benchmark_roi_align")

@@ -6,8 +6,14 @@ its architecture and model, so its tuning records), on that device and on torch'
 stream of it (``Kernel.__call__``), so they order with the surrounding torch work and can be
 captured in CUDA graphs (call once before capturing: the first call loads the kernels).
 The kernels are registered as ``torch.library`` operators (``torch.ops.tvm_dcn.*``, with fake
-implementations for ``torch.compile``), and :class:`DeformConv2dFunction` wires the forward and
-backward kernels into autograd. Backward kernels compute only the gradients autograd asks for.
+implementations for ``torch.compile``), and ``torch.library.register_autograd`` wires the
+forward and backward operators into autograd (so ``torch.ops.tvm_dcn.deform_conv2d_forward`` is
+differentiable on its own). Backward kernels compute only the gradients autograd asks for.
+The RoI family (``roi.py``) defines its operators in the same library, the same way. Scripted
+with ``torch.jit.script``, :func:`deform_conv2d` calls the operator directly (which validates its
+arguments with :func:`check_deform_conv2d_args`, as the function does). Bad arguments raise
+:class:`ArgumentValueError` / :class:`ArgumentTypeError`: a ``ValueError`` / ``TypeError`` naming
+the argument that is also the ``RuntimeError`` torchvision raises for the same mistake.
 
 The operators are defined with ``torch.library.Library`` and implemented for the CPU and CUDA
 dispatch keys rather than with the ``torch.library.custom_op`` decorator: measured here side by
@@ -29,24 +35,17 @@ import functools
 from typing import NamedTuple, Optional
 
 import torch
+from torch.jit.annotations import BroadcastingList2
 
 from . import kernel as _kernel
 from . import recording as _recording
-from ._torch_utils import SUPPORTED_DTYPES
-from ._utils import IntPair, int_pair
+from ._torch_utils import (SUPPORTED_DTYPES, ArgumentTypeError, ArgumentValueError, BoxFormatError,  # noqa: F401
+                           BoxTypeError, check_tensor, int_pair_argument)
+from ._utils import IntPair
 from .ops.deform_conv import (backward_data_workload, backward_weight_workload, forward_workload, output_size,
                                padded_pixels)
 
 _INT32_MAX = 2**31 - 1
-
-
-def _check_tensor(t, name: str, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-d tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; tvm_dcn supports float32 and float64")
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +62,7 @@ def device_target(device: torch.device, name: str = "input"):
         return None
     if device.type == "cuda":
         return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
-    raise ValueError(f"{name} is on {device}; tvm_dcn runs on CPU and CUDA devices")
+    raise ArgumentValueError(f"{name} is on {device}; tvm_dcn runs on CPU and CUDA devices")
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
@@ -92,16 +91,7 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
     """The plan key of a call that may bypass the operator: plain tensors, nothing to differentiate,
     no tracing, no dispatch or function mode that must see the operator, no workload recorder;
     None otherwise (the call goes through ``torch.ops.tvm_dcn``)."""
-    if torch.compiler.is_compiling():  # first: TorchDynamo cannot trace the checks below
-        return None
-    if (type(input) is not _Tensor or type(offset) is not _Tensor or type(weight) is not _Tensor
-            or (bias is not None and type(bias) is not _Tensor) or (mask is not None and type(mask) is not _Tensor)):
-        return None
-    if torch.is_grad_enabled() and (input.requires_grad or offset.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)
-                                    or (mask is not None and mask.requires_grad)):
-        return None
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+    if (input is None or offset is None or weight is None or not is_plain_eager_call(input, offset, weight, bias, mask)
             or _recording.is_recording()):
         return None
     conv = (_int_or_pair(stride), _int_or_pair(padding), _int_or_pair(dilation))
@@ -110,6 +100,22 @@ def _eager_key(input, offset, weight, bias, mask, stride, padding, dilation) -> 
     return (input.shape, offset.shape, weight.shape, input.dtype, offset.dtype, weight.dtype, input.device,
             offset.device, weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
             None if mask is None else (mask.shape, mask.dtype, mask.device), conv, _kernel._preferred_schedule.source)
+
+
+def is_plain_eager_call(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` (None for absent optional ones) may run its kernel implementation
+    directly instead of through its ``torch.ops.tvm_dcn`` operator: plain tensors, nothing to
+    differentiate, no tracing or compilation, no dispatch or function mode that must see the operator."""
+    if torch.compiler.is_compiling():  # first: TorchDynamo cannot trace the checks below
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not _Tensor:
+            return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled())
 
 
 def _int_or_pair(value):
@@ -121,9 +127,101 @@ def _int_or_pair(value):
     return None
 
 
-def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+def check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation) -> tuple:
+    """Validates a :func:`deform_conv2d` call (the function's and the operator's: TorchScript calls
+    the operator directly); returns (stride, padding, dilation) as pairs."""
+    check_tensor(input, "input", 4)
+    check_tensor(offset, "offset", 4)
+    check_tensor(weight, "weight", 4)
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+    if mask is not None:
+        check_tensor(mask, "mask", 4)
+    stride_hw, padding_hw = int_pair_argument(stride, "stride"), int_pair_argument(padding, "padding")
+    dilation_hw = int_pair_argument(dilation, "dilation")
+    if min(stride_hw) < 1:
+        raise ArgumentValueError(f"stride must be positive, got {stride}")
+    if min(padding_hw) < 0:
+        raise ArgumentValueError(f"padding must be non-negative, got {padding}")
+    if min(dilation_hw) < 1:
+        raise ArgumentValueError(f"dilation must be positive, got {dilation}")
+
+    for name, t in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise ArgumentTypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all must match")
+        if t.device != input.device:
+            raise ArgumentValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one "
+                                     "device")
+    device_target(input.device, "input")
+
+    batch, in_channels, height, width = input.shape
+    out_channels, weight_in_channels, kernel_h, kernel_w = weight.shape
+    if weight_in_channels == 0 or kernel_h == 0 or kernel_w == 0:
+        raise ArgumentValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
+    if in_channels % weight_in_channels:
+        raise ArgumentValueError(f"input has {in_channels} channels, not a multiple of weight.shape[1] = "
+                                 f"{weight_in_channels} (the channels per group)")
+    groups = in_channels // weight_in_channels
+    if out_channels % groups:
+        raise ArgumentValueError(f"weight has {out_channels} output channels, not divisible by groups = {groups}")
+    taps = kernel_h * kernel_w
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * taps):
+        raise ArgumentValueError(f"offset has {offset.shape[1]} channels; expected a positive multiple of "
+                                 f"2 * kernel_h * kernel_w = {2 * taps}")
+    offset_groups = offset.shape[1] // (2 * taps)
+    if in_channels % offset_groups:
+        raise ArgumentValueError(f"offset implies {offset_groups} offset groups, which do not divide the "
+                                 f"{in_channels} input channels")
+    out_h = output_size(height, kernel_h, stride_hw[0], padding_hw[0], dilation_hw[0])
+    out_w = output_size(width, kernel_w, stride_hw[1], padding_hw[1], dilation_hw[1])
+    if out_h < 1 or out_w < 1:
+        extent = (dilation_hw[0] * (kernel_h - 1) + 1, dilation_hw[1] * (kernel_w - 1) + 1)
+        raise ArgumentValueError(f"the output would be empty ({out_h}x{out_w}): input {height}x{width} with padding "
+                                 f"{padding_hw} is smaller than the dilated kernel extent {extent[0]}x{extent[1]}")
+    if offset.shape[0] != batch or tuple(offset.shape[2:]) != (out_h, out_w):
+        raise ArgumentValueError(f"offset has shape {tuple(offset.shape)}; expected ({batch}, {offset.shape[1]}, "
+                                 f"{out_h}, {out_w}) for the batch and output size")
+    if bias is not None and bias.shape[0] != out_channels:
+        raise ArgumentValueError(f"bias has {bias.shape[0]} elements; expected {out_channels} (weight.shape[0])")
+    if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_h, out_w):
+        raise ArgumentValueError(f"mask has shape {tuple(mask.shape)}; expected "
+                                 f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
+    largest = max(input.numel(), batch * in_channels * taps * padded_pixels(out_h * out_w),
+                  offset.numel(), batch * out_channels * out_h * out_w)
+    if largest > _INT32_MAX:
+        raise ArgumentValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
+                                 "(more than 2**31 elements in an intermediate); split the batch")
+    return stride_hw, padding_hw, dilation_hw
+
+
+def _deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
                   dilation: IntPair = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    key = _eager_key(input, offset, weight, bias, mask, stride, padding, dilation)
+    if key is not None:
+        plan = _eager_plans.get(key)
+        if plan is not None:
+            return _run_forward(plan, input, offset, weight, bias, mask)
+    stride_hw, padding_hw, dilation_hw = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding,
+                                                                  dilation)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)):
+        return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
+    # Nothing to differentiate: skip the operator's dispatch and autograd (tens of microseconds a call).
+    if key is not None and not _is_empty(input, weight):
+        if len(_eager_plans) >= _MAX_EAGER_PLANS:  # many input sizes: forget the older ones
+            _eager_plans.clear()
+        plan = _eager_plans[key] = _forward_plan(input, offset, weight, bias, mask, stride_hw, padding_hw,
+                                                 dilation_hw)
+        return _run_forward(plan, input, offset, weight, bias, mask)
+    return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
+
+
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, stride: BroadcastingList2[int] = 1,
+                  padding: BroadcastingList2[int] = 0, dilation: BroadcastingList2[int] = 1,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Deformable convolution v1, or modulated v2 when ``mask`` is given; torchvision's semantics.
 
     Args:
@@ -142,83 +240,10 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         (likewise W_out). A sample at a position outside (-1, H) x (-1, W), or at a non-finite
         position (NaN/inf offsets), contributes zero. Same dtype and device as ``input``.
     """
-    key = _eager_key(input, offset, weight, bias, mask, stride, padding, dilation)
-    if key is not None:
-        plan = _eager_plans.get(key)
-        if plan is not None:
-            return _run_forward(plan, input, offset, weight, bias, mask)
-    _check_tensor(input, "input", 4)
-    _check_tensor(offset, "offset", 4)
-    _check_tensor(weight, "weight", 4)
-    if bias is not None:
-        _check_tensor(bias, "bias", 1)
-    if mask is not None:
-        _check_tensor(mask, "mask", 4)
-    stride_hw, padding_hw = int_pair(stride, "stride"), int_pair(padding, "padding")
-    dilation_hw = int_pair(dilation, "dilation")
-    if min(stride_hw) < 1:
-        raise ValueError(f"stride must be positive, got {stride}")
-    if min(padding_hw) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding}")
-    if min(dilation_hw) < 1:
-        raise ValueError(f"dilation must be positive, got {dilation}")
-
-    for name, t in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all must match")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
-    device_target(input.device, "input")
-
-    batch, in_channels, height, width = input.shape
-    out_channels, weight_in_channels, kernel_h, kernel_w = weight.shape
-    if weight_in_channels == 0 or kernel_h == 0 or kernel_w == 0:
-        raise ValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
-    if in_channels % weight_in_channels:
-        raise ValueError(f"input has {in_channels} channels, not a multiple of weight.shape[1] = "
-                         f"{weight_in_channels} (the channels per group)")
-    groups = in_channels // weight_in_channels
-    if out_channels % groups:
-        raise ValueError(f"weight has {out_channels} output channels, not divisible by groups = {groups}")
-    taps = kernel_h * kernel_w
-    if offset.shape[1] == 0 or offset.shape[1] % (2 * taps):
-        raise ValueError(f"offset has {offset.shape[1]} channels; expected a positive multiple of "
-                         f"2 * kernel_h * kernel_w = {2 * taps}")
-    offset_groups = offset.shape[1] // (2 * taps)
-    if in_channels % offset_groups:
-        raise ValueError(f"offset implies {offset_groups} offset groups, which do not divide the "
-                         f"{in_channels} input channels")
-    out_h = output_size(height, kernel_h, stride_hw[0], padding_hw[0], dilation_hw[0])
-    out_w = output_size(width, kernel_w, stride_hw[1], padding_hw[1], dilation_hw[1])
-    if out_h < 1 or out_w < 1:
-        extent = (dilation_hw[0] * (kernel_h - 1) + 1, dilation_hw[1] * (kernel_w - 1) + 1)
-        raise ValueError(f"the output would be empty ({out_h}x{out_w}): input {height}x{width} with padding "
-                         f"{padding_hw} is smaller than the dilated kernel extent {extent[0]}x{extent[1]}")
-    if offset.shape[0] != batch or tuple(offset.shape[2:]) != (out_h, out_w):
-        raise ValueError(f"offset has shape {tuple(offset.shape)}; expected ({batch}, {offset.shape[1]}, "
-                         f"{out_h}, {out_w}) for the batch and output size")
-    if bias is not None and bias.shape[0] != out_channels:
-        raise ValueError(f"bias has {bias.shape[0]} elements; expected {out_channels} (weight.shape[0])")
-    if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_h, out_w):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected "
-                         f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
-    largest = max(input.numel(), batch * in_channels * taps * padded_pixels(out_h * out_w),
-                  offset.numel(), batch * out_channels * out_h * out_w)
-    if largest > _INT32_MAX:
-        raise ValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
-                         "(more than 2**31 elements in an intermediate); split the batch")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)):
-        return DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride_hw, padding_hw, dilation_hw)
-    # Nothing to differentiate: skip autograd's bookkeeping (tens of microseconds a call).
-    if key is not None and not _is_empty(input, weight):
-        if len(_eager_plans) >= _MAX_EAGER_PLANS:  # many input sizes: forget the older ones
-            _eager_plans.clear()
-        plan = _eager_plans[key] = _forward_plan(input, offset, weight, bias, mask, stride_hw, padding_hw,
-                                                 dilation_hw)
-        return _run_forward(plan, input, offset, weight, bias, mask)
-    return _forward_op(input, offset, weight, bias, mask, list(stride_hw), list(padding_hw), list(dilation_hw))
+    if not torch.jit.is_scripting():
+        return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    # TorchScript compiles only this branch: the operator (which validates less than the function).
+    return torch.ops.tvm_dcn.deform_conv2d_forward(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
 def _workload(input, offset, weight, bias, mask, stride, padding, dilation):
@@ -249,20 +274,21 @@ def _flat(t: torch.Tensor, rows: int) -> torch.Tensor:
     return kernel_arg(t).view(t.shape[0], rows, -1)
 
 
-_LIBRARY = torch.library.Library("tvm_dcn", "DEF")
-_LIBRARY.define("deform_conv2d_forward(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
+# The ``tvm_dcn`` operator namespace, defined once: the RoI family (roi.py) defines its operators here too.
+LIBRARY = torch.library.Library("tvm_dcn", "DEF")
+LIBRARY.define("deform_conv2d_forward(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
                 "int[] stride, int[] padding, int[] dilation) -> Tensor")
-_LIBRARY.define("deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
+LIBRARY.define("deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor weight, "
                 "Tensor? mask, bool with_bias, int[] stride, int[] padding, int[] dilation, bool[] needs) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 _DEVICE_KEYS = ("CPU", "CUDA")
 
 
-def _implements(name: str):
+def implements(name: str):
     """Registers the decorated function as the CPU and CUDA kernel of ``tvm_dcn::<name>``."""
     def register(fn):
         for key in _DEVICE_KEYS:
-            _LIBRARY.impl(name, fn, key)
+            LIBRARY.impl(name, fn, key)
         return fn
     return register
 
@@ -299,10 +325,11 @@ def _run_forward(plan: _ForwardPlan, input, offset, weight, bias, mask) -> torch
     return result
 
 
-@_implements("deform_conv2d_forward")
+@implements("deform_conv2d_forward")
 def _forward_impl(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   mask: Optional[torch.Tensor], stride: list[int], padding: list[int],
                   dilation: list[int]) -> torch.Tensor:
+    check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation)
     if _is_empty(input, weight):
         out = input.new_zeros((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
         return out + bias.view(1, -1, 1, 1) if bias is not None and input.shape[0] else out
@@ -315,7 +342,7 @@ def _(input, offset, weight, bias, mask, stride, padding, dilation):
     return input.new_empty((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
 
 
-@_implements("deform_conv2d_backward")
+@implements("deform_conv2d_backward")
 def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                    mask: Optional[torch.Tensor], with_bias: bool, stride: list[int], padding: list[int],
                    dilation: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -399,21 +426,23 @@ _forward_op = torch.ops.tvm_dcn.deform_conv2d_forward.default
 _backward_op = torch.ops.tvm_dcn.deform_conv2d_backward.default
 
 
-class DeformConv2dFunction(torch.autograd.Function):
-    """Autograd for :func:`deform_conv2d` (first derivatives; double backward is not supported)."""
+def _save_for_backward(ctx, inputs, output):
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.conv = (stride, padding, dilation, bias is not None)
 
-    @staticmethod
-    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation):
-        ctx.conv = (list(stride), list(padding), list(dilation), bias is not None)
-        ctx.save_for_backward(input, offset, weight, mask)
-        return _forward_op(input, offset, weight, bias, mask, list(stride), list(padding), list(dilation))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, offset, weight, mask = ctx.saved_tensors
-        stride, padding, dilation, with_bias = ctx.conv
-        needs = list(ctx.needs_input_grad[:5])  # input, offset, weight, bias, mask
-        order = [needs[0], needs[1], needs[4], needs[2], needs[3]]  # the op's order: input, offset, mask, weight, bias
-        grads = _backward_op(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation, order)
-        g_input, g_offset, g_mask, g_weight, g_bias = (g if need else None for g, need in zip(grads, order))
-        return g_input, g_offset, g_weight, g_bias, g_mask, None, None, None
+def _forward_grad(ctx, grad_output):
+    """Autograd of ``deform_conv2d_forward``: the gradients autograd asks for, from one backward call."""
+    input, offset, weight, mask = ctx.saved_tensors
+    stride, padding, dilation, with_bias = ctx.conv
+    needs = ctx.needs_input_grad[:5]  # input, offset, weight, bias, mask
+    order = [needs[0], needs[1], needs[4], needs[2], needs[3]]  # the op's order: input, offset, mask, weight, bias
+    if not any(order):
+        return None, None, None, None, None, None, None, None
+    grads = _backward_op(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation, order)
+    g_input, g_offset, g_mask, g_weight, g_bias = (g if need else None for g, need in zip(grads, order))
+    return g_input, g_offset, g_weight, g_bias, g_mask, None, None, None
+
+
+torch.library.register_autograd("tvm_dcn::deform_conv2d_forward", _forward_grad, setup_context=_save_for_backward)

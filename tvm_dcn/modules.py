@@ -46,6 +46,10 @@ from torch import Tensor, nn
 from ._utils import IntPair
 from .functional import deform_conv2d
 
+# torch.fx: the convolution is one leaf node of a symbolically traced graph (as torchvision's
+# deform_conv2d), so models with these layers trace and create_feature_extractor works.
+torch.fx.wrap("deform_conv2d")
+
 __all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "DCN", "DCNv2"]
 
 
@@ -278,7 +282,8 @@ class _PackBase(_DeformConvBase):
     def _offset_input(self, x: Tensor) -> Tensor:
         out = self.conv_offset(x)
         # Under autocast conv_offset may return a lower precision than x; the kernel needs one dtype.
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        # (``to`` returns ``out`` itself when the dtype matches; no branch, so torch.fx can trace it.)
+        return out.to(x.dtype)
 
 
 class DeformConv2dPack(_PackBase):
