@@ -49,6 +49,7 @@ the terminal and to ``<output-dir>/<target-tag>/bench.{json,md,png}``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -316,6 +317,14 @@ def _openvino_opset8():
     return opset8
 
 
+@functools.lru_cache(maxsize=None)
+def _openvino_core():
+    # One Core, which holds the loaded CPU plugin, for all layers of the process.
+    import openvino  # noqa: PLC0415
+
+    return openvino.Core()
+
+
 class OpenVINODeformConv:
     """OpenVINO's CPU ``DeformableConvolution`` (opset 8) for one deformable-conv layer ``wl``.
 
@@ -353,7 +362,7 @@ class OpenVINODeformConv:
         if bias is not None:
             out = opset8.add(out, opset8.constant(bias.detach().numpy().reshape(1, -1, 1, 1)))
         self.model = openvino.Model([out], list(params.values()), "deform_conv2d")
-        self.compiled = openvino.Core().compile_model(self.model, "CPU", {
+        self.compiled = _openvino_core().compile_model(self.model, "CPU", {
             "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads or _peer_threads(),
             "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
         self.request = self.compiled.create_infer_request()
