@@ -1,10 +1,12 @@
 """`tvm-dcn bench` on a tiny workload file: every candidate is timed, each tvm-dcn column really
-uses its schedule source for every kernel (forward and backward), and the result files are written.
-No timing is asserted (speed targets live in the benchmark's own output)."""
+uses its schedule source for every kernel (forward and backward), the peers (ONNX Runtime,
+OpenVINO) compute torchvision's forward or are left out with a reason, and the result files are
+written. No timing is asserted (speed targets live in the benchmark's own output)."""
 from __future__ import annotations
 
 import collections
 import json
+import sys
 
 import pytest
 
@@ -64,6 +66,12 @@ def test_bench_writes_table_json_and_plot(workload_file, tmp_path, capsys):
         for name, err in result["max_abs_err"].items():
             assert err < 1e-4, (result["layer"], result["mode"], name, err)
     assert "dense conv2d" in cases[(conv_name, "forward")]["times_ms"]
+    # The installed peers join the forward deformable convolutions only (no backward, no RoI Align).
+    installed = bench.available_peers(log=lambda line: None)
+    assert set(data["environment"]["peers"]) == set(installed)
+    for (layer, mode), result in cases.items():
+        peers = set(bench.PEERS) & set(result["times_ms"])
+        assert peers == (set(installed) if (layer, mode) == (conv_name, "forward") else set())
     for mode in bench.MODES:
         assert set(data["geomean_speedup_over_torchvision"][mode]) >= {"tvm-dcn hand", "torchvision"}
     table = (folder / "bench.md").read_text()
@@ -136,7 +144,7 @@ def test_timed_calls_follow_the_offset_convolution_in_balanced_orders(monkeypatc
 
     events = []
 
-    def candidates(wl, mode, schedules):
+    def candidates(wl, mode, schedules, peers=()):
         def make(name):
             def call():
                 events.append(name)
@@ -186,7 +194,7 @@ def test_layers_repeats_are_interleaved(monkeypatch):
 
     events = []
 
-    def candidates(wl, mode, schedules):
+    def candidates(wl, mode, schedules, peers=()):
         def make(name):
             def call():
                 events.append((wl["in_channels"], name))
@@ -209,3 +217,150 @@ def test_layers_repeats_are_interleaved(monkeypatch):
     layer_order = [block[0][0] for block in blocks]
     assert all(block[0][1] == "dense conv2d" and {c for c, _ in block} == {block[0][0]} for block in blocks)
     assert layer_order == [4, 8, 12, 8, 12, 4, 12, 4, 8, 4, 8, 12]
+
+
+# Grouped, two offset groups, unequal strides, paddings and dilations, a mask and a bias, batch 2.
+ODD_CONV = forward_workload(batch=2, in_channels=8, height=9, width=7, out_channels=6, kernel_size=(3, 2),
+                            stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2, offset_groups=2,
+                            with_mask=True, with_bias=True)
+PLAIN_CONV = forward_workload(batch=1, in_channels=4, height=6, width=5, out_channels=4, kernel_size=(3, 3),
+                              padding=(1, 1), with_mask=False, with_bias=False)
+
+
+def _peer_matches_torchvision(peer_class, wl):
+    import torch  # noqa: PLC0415
+    import torchvision  # noqa: PLC0415
+
+    inputs = bench._inputs(wl, torch.Generator().manual_seed(3))
+    x, off, w, b, m = (inputs[k] for k in ("input", "offset", "weight", "bias", "mask"))
+    # Offsets of up to several pixels: many taps sample across the border, where the peers must
+    # blend with the zero padding as torchvision does.
+    expected = torchvision.ops.deform_conv2d(x, off * 2, w, b, mask=m, **bench._conv_kwargs(wl))
+    peer = peer_class(wl, w, b, threads=1)
+    torch.testing.assert_close(peer(x, off * 2, m), expected, rtol=1e-5, atol=1e-5)
+    return peer
+
+
+@pytest.mark.parametrize("wl", [ODD_CONV, PLAIN_CONV], ids=["groups_offset_groups_mask_bias", "dcnv1"])
+def test_onnxruntime_model_matches_torchvision(wl):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx  # noqa: PLC0415
+
+    peer = _peer_matches_torchvision(bench.OnnxRuntimeDeformConv, wl)
+    onnx.checker.check_model(peer.model)
+    (node,) = peer.model.graph.node
+    assert node.op_type == "DeformConv" and peer.model.opset_import[0].version == 19
+    assert peer.session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.parametrize("wl", [ODD_CONV, PLAIN_CONV], ids=["groups_offset_groups_mask_bias", "dcnv1"])
+def test_openvino_model_matches_torchvision(wl):
+    pytest.importorskip("openvino")
+    peer = _peer_matches_torchvision(bench.OpenVINODeformConv, wl)
+    ops = {op.get_type_name() for op in peer.model.get_ops()}
+    assert "DeformableConvolution" in ops and ("Add" in ops) == wl["with_bias"]
+    assert str(peer.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+
+
+def test_missing_peer_packages_are_skipped_with_a_reason(workload_file, tmp_path, capsys, monkeypatch):
+    conv_only = tmp_path / "conv.json"
+    workloads.save(conv_only, [CONV])
+    # A None entry in sys.modules makes the import raise ImportError, as when not installed.
+    for name in ("onnxruntime", "openvino", "openvino.opset8", "openvino.runtime", "openvino.runtime.opset8"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert cli.main(["bench", "--workloads", str(conv_only), "--repeats", "1", "--forward-only",
+                     "--no-default", "--output-dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime column skipped: " in printed and "openvino column skipped: " in printed
+    data = json.loads((tmp_path / "out" / tvm_dcn.target_tag(None) / "bench.json").read_text())
+    assert data["environment"]["peers"] == {}
+    conv = next(r for r in data["results"] if r["layer"] == bench.case_name(CONV))
+    assert set(conv["times_ms"]) == {"tvm-dcn hand", "torchvision", "dense conv2d"}
+
+
+class _FakePeer:
+    """Stands in for a peer: computes torchvision's forward, or (``wrong``) its negative."""
+
+    wrong = False
+
+    def __init__(self, wl, weight, bias=None, threads=None):
+        self.args = (bench._conv_kwargs(wl), weight, bias)
+
+    def __call__(self, x, offset, mask=None):
+        import torchvision  # noqa: PLC0415
+
+        kw, weight, bias = self.args
+        out = torchvision.ops.deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+        return -out if self.wrong else out
+
+
+class _WrongPeer(_FakePeer):
+    wrong = True
+
+
+class _BrokenPeer(_FakePeer):
+    def __init__(self, *args, **kw):
+        raise RuntimeError("no kernel for DeformConv(19)\nsecond line")
+
+
+def test_peers_are_checked_and_left_out_when_wrong(monkeypatch):
+    """Peers run in forward mode only; one that disagrees with torchvision, or that cannot build
+    the layer, is reported and not timed."""
+    monkeypatch.setattr(bench, "PEER_CLASSES", {"onnxruntime": _FakePeer, "openvino": _WrongPeer})
+    lines = []
+    forward = bench.run_case(CONV, 1, "forward", schedules=(), peers=bench.PEERS, repeats=2, warmup=0,
+                             log=lines.append)
+    assert set(forward.times_ms) == {"onnxruntime", "torchvision", "dense conv2d"}
+    assert forward.max_abs_err["onnxruntime"] == 0 and forward.max_abs_err["openvino"] > 1
+    assert "disagrees with torchvision" in forward.not_timed["openvino"]
+    assert any(line.startswith("WARNING: ") and "openvino" in line for line in lines)
+    table = bench.markdown_table([forward], "tiny")
+    assert "openvino not timed, disagrees with torchvision" in table
+
+    monkeypatch.setattr(bench, "PEER_CLASSES", {"onnxruntime": _BrokenPeer, "openvino": _FakePeer})
+    forward = bench.run_case(CONV, 1, "forward", schedules=(), peers=bench.PEERS, repeats=1, warmup=0,
+                             log=lambda line: None)
+    assert set(forward.times_ms) == {"openvino", "torchvision", "dense conv2d"}
+    assert forward.not_timed["onnxruntime"] == "could not be built: RuntimeError: no kernel for DeformConv(19)"
+
+    backward = bench.run_case(CONV, 1, "forward+backward", schedules=("hand",), peers=bench.PEERS, repeats=1,
+                              warmup=0, log=lambda line: None)
+    assert not set(bench.PEERS) & set(backward.times_ms)
+    table = bench.markdown_table([forward, backward], "tiny")
+    assert "openvino: forward only (no backward)." in table
+
+
+def test_batch_option_gives_a_row_per_batch_size(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda *args, **kw: calls.append(kw))
+    assert cli.main(["bench", "--batch", "1", "8", "--forward-only"]) == 0
+    assert calls[-1]["batches"] == [1, 8] and calls[-1]["modes"] == ("forward",)
+    assert cli.main(["bench"]) == 0
+    assert calls[-1]["batches"] is None
+    with pytest.raises(SystemExit, match="--batch"):
+        cli.main(["bench", "--batch", "0"])
+
+    layers = bench.layers_of([CONV, CONV, ROI, CONV8], [1, 8])
+    names = [bench.case_name(wl) for wl, _ in layers]
+    assert names == ["dcnv2 b1 4x6x5->4 k3x3 s1", "dcnv2 b1 8x6x5->4 k3x3 s1", "dcnv2 b8 4x6x5->4 k3x3 s1",
+                     "dcnv2 b8 8x6x5->4 k3x3 s1", bench.case_name(ROI)]
+    assert [n for _, n in layers] == [2, 1, 2, 1, 1]
+    assert layers[2][0] == forward_workload(batch=8, in_channels=4, height=6, width=5, out_channels=4,
+                                            kernel_size=(3, 3), padding=(1, 1), with_mask=True)
+    assert bench.layers_of([CONV], None) == [(CONV, 1)]
+    for bad in ([], [0], [2, -1], 4):
+        with pytest.raises(ValueError, match="batches"):
+            bench.layers_of([CONV], bad)
+
+
+def test_geomeans_per_batch():
+    rows = [bench.CaseResult("a", "forward", 1, {"torchvision": 4.0, "tvm-dcn hand": 1.0}, batch=1),
+            bench.CaseResult("b", "forward", 1, {"torchvision": 4.0, "tvm-dcn hand": 4.0}, batch=8),
+            bench.CaseResult("c", "forward", 1, {"torchvision": 9.0, "tvm-dcn hand": 1.0}, batch=8)]
+    assert bench.geomean_speedups(rows, "forward", 1) == {"torchvision": 1.0, "tvm-dcn hand": 4.0}
+    assert bench.geomean_speedups(rows, "forward", 8)["tvm-dcn hand"] == pytest.approx(3.0)
+    assert bench.geomean_speedups(rows, "forward")["tvm-dcn hand"] == pytest.approx(36 ** (1 / 3))
+    table = bench.markdown_table(rows, "tiny")
+    assert "| **geomean, batch 1** | | **4.00x** | **1.00x** |" in table
+    assert "| **geomean, batch 8** | | **3.00x** | **1.00x** |" in table

@@ -113,7 +113,7 @@ LAYERS = (
     ("build and cache", ("tvm_dcn.kernel", "tvm_dcn.tuning_records", "tvm_dcn.target", "tvm_dcn.cuda",
                          "tvm_dcn.recording", "tvm_dcn.workloads", "tvm_dcn.schedule_checks", "tvm_dcn._meta_schedule")),
     ("bridge", ("tvm_dcn.functional", "tvm_dcn.roi", "tvm_dcn.modules", "tvm_dcn._torch_utils", "tvm_dcn")),
-    ("tools", ("tvm_dcn.tune", "tvm_dcn.remote_tune", "tvm_dcn.bench", "tvm_dcn.cli")),
+    ("tools", ("tvm_dcn.tune", "tvm_dcn.remote_tune", "tvm_dcn.bench", "tvm_dcn.cli", "tvm_dcn.onnx")),
 )
 
 

@@ -9,7 +9,25 @@ PyTorch entry point:
   the source is set around the timed call, so the time is the user's call alone);
 * ``torchvision``: ``torchvision.ops.deform_conv2d`` (``roi_align``);
 * ``dense conv2d``: ``torch.nn.functional.conv2d`` of the same shape (oneDNN here): the floor a
-  deformable convolution, which also samples its input, cannot beat.
+  deformable convolution, which also samples its input, cannot beat;
+* the peers a user would pick instead, forward only (neither has a backward; in
+  ``forward+backward`` they are absent): ``onnxruntime``, ONNX Runtime's CPU ``DeformConv``
+  (ONNX opset 19) in a one-node model built in memory (:class:`OnnxRuntimeDeformConv`), and
+  ``openvino``, OpenVINO's ``DeformableConvolution`` (opset 8, ``bilinear_interpolation_pad=True``,
+  which samples as torchvision does) plus an ``Add`` of the bias, compiled for the CPU at float32
+  inference precision (:class:`OpenVINODeformConv`). Each is checked against torchvision on the
+  layer before it is timed (a peer off by more than :data:`PEER_TOLERANCE` is reported and not
+  timed), and left out with the reason printed when its package cannot be imported
+  (``pip install 'tvm-dcn[bench]'`` installs both).
+
+Thread pools. Up to four pools share the cores here, and an idle pool that spins takes a core from
+whichever runs next. Each is made to sleep when idle and sized to PyTorch's thread count:
+TVM's workers with ``TVM_THREAD_POOL_SPIN_COUNT=0`` and PyTorch's OpenMP workers with
+``OMP_WAIT_POLICY=PASSIVE`` (both set by ``import tvm_dcn``, which ``tvm-dcn`` runs before
+torch loads); ONNX Runtime with ``session.intra_op.allow_spinning`` (and ``inter_op``) ``"0"``,
+``torch.get_num_threads()`` intra-op threads, one inter-op thread and sequential execution;
+OpenVINO with ``INFERENCE_NUM_THREADS`` = the same count, one stream and no CPU pinning (so its
+workers do not claim cores the other pools use; its TBB workers have no spin setting).
 
 Each repeat runs every candidate once, in the orders of a balanced (Williams) design, so that
 each candidate directly follows each other one equally often (and, first in a repeat, the
@@ -23,12 +41,15 @@ of load on the host, which can last a few seconds, hits every layer alike.
 RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 
 Two modes per layer: ``forward`` (no autograd) and ``forward+backward`` (gradients of input,
-offset, mask and weight, as in training). The median of the repeats is reported, with the
-speed-up over torchvision and the geometric mean over the set. Results go to the terminal and to
-``<output-dir>/<target-tag>/bench.{json,md,png}``.
+offset, mask and weight, as in training). ``batches`` (``--batch 1 8``) times every
+deformable-conv layer at each of those batch sizes (a row per layer and batch; RoI Align heads
+keep their workload's). The median of the repeats is reported, with the speed-up over
+torchvision and the geometric mean over the set (and over each batch size's rows). Results go to
+the terminal and to ``<output-dir>/<target-tag>/bench.{json,md,png}``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -36,7 +57,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -50,6 +71,11 @@ from .workloads import load
 SCHEDULES = ("default", "hand", "tuned")
 MODES = ("forward", "forward+backward")
 BASELINES = ("torchvision", "dense conv2d")
+PEERS = ("onnxruntime", "openvino")
+# Largest max abs difference from torchvision's forward accepted from a peer, per unit of the
+# output's largest magnitude: on resnet50-dcn-224 both peers (and tvm-dcn) are within 5e-6 of it
+# (float32 sums of up to 4608 products in another order); a wrong layout or sampling rule is off by O(1).
+PEER_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -62,6 +88,8 @@ class CaseResult:
     count: int
     times_ms: dict = field(default_factory=dict)
     max_abs_err: dict = field(default_factory=dict)
+    batch: Optional[int] = None  # of a deformable-conv layer (None for a RoI Align head)
+    not_timed: dict = field(default_factory=dict)  # candidate -> why it was left out of this case
 
 
 def layer_name(wl: Workload) -> str:
@@ -71,9 +99,34 @@ def layer_name(wl: Workload) -> str:
             f"k{geo.kernel_h}x{geo.kernel_w} s{geo.stride_h}")
 
 
-def layers_of(workloads: list[Workload]) -> list[tuple[Workload, int]]:
-    """The distinct forward deformable-conv and RoI Align workloads of a set, with their counts."""
-    return [(wl, n) for wl, n in unique_with_counts(workloads) if wl.op in (FORWARD, "roi_align")]
+def layers_of(workloads: list[Workload], batches: Optional[Sequence[int]] = None) -> list[tuple[Workload, int]]:
+    """The distinct forward deformable-conv and RoI Align workloads of a set, with their counts;
+    with ``batches``, each deformable-conv layer once per batch size (all layers at the first
+    size, then all at the next, ...), the RoI Align heads once at the end."""
+    layers = [(wl, n) for wl, n in unique_with_counts(workloads) if wl.op in (FORWARD, "roi_align")]
+    if batches is None:
+        return layers
+    convs: dict[Workload, int] = {}
+    for batch in check_batches(batches):
+        for wl, n in layers:
+            if wl.op == FORWARD:
+                resized = with_batch(wl, batch)
+                convs[resized] = convs.get(resized, 0) + n
+    return list(convs.items()) + [(wl, n) for wl, n in layers if wl.op != FORWARD]
+
+
+def check_batches(batches: Sequence[int]) -> tuple[int, ...]:
+    """``batches`` as a tuple of distinct positive ints, in order; ValueError naming it otherwise."""
+    if isinstance(batches, (int, str)) or not batches:
+        raise ValueError(f"batches must be a non-empty sequence of batch sizes, got {batches!r}")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batches):
+        raise ValueError(f"batches must be positive ints, got {list(batches)!r}")
+    return tuple(dict.fromkeys(batches))
+
+
+def with_batch(wl: Workload, batch: int) -> Workload:
+    """The deformable-conv workload ``wl`` at batch size ``batch``."""
+    return Workload.make(wl.op, wl.dtype, **{**dict(wl.params), "batch": batch})
 
 
 def _inputs(wl: Workload, generator: torch.Generator):
@@ -134,8 +187,10 @@ def _schedule_of(name: str) -> Optional[str]:
     return name[len("tvm-dcn "):] if name.startswith("tvm-dcn ") else None
 
 
-def _conv_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str, Callable[[], torch.Tensor]], Callable]:
-    """The timed candidates of a deform_conv2d layer, and the untimed call to run before each."""
+def _conv_candidates(wl: Workload, mode: str, schedules, peers=()) -> tuple[dict[str, Callable[[], torch.Tensor]],
+                                                                          Callable]:
+    """The timed candidates of a deform_conv2d layer, and the untimed call to run before each.
+    ``peers`` (names in :data:`PEERS` whose packages import) join in forward mode only."""
     import torchvision  # noqa: PLC0415
 
     kw = _conv_kwargs(wl)
@@ -145,6 +200,14 @@ def _conv_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str, Call
     run = _runner(leaves, backward)
     x, off, w, b, m = (leaves[k] for k in ("input", "offset", "weight", "bias", "mask"))
     out = {f"tvm-dcn {s}": run(lambda: _functional.deform_conv2d(x, off, w, b, mask=m, **kw)) for s in schedules}
+    if not backward:
+        for name in peers:
+            try:
+                peer = PEER_CLASSES[name](wl, w, b)
+            except Exception as err:  # noqa: BLE001 - e.g. a release without this operator: reported, not timed
+                out[name] = _unavailable(f"{type(err).__name__}: {err}".splitlines()[0])
+                continue
+            out[name] = run(lambda peer=peer: peer(x, off, m))
     out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(x, off, w, b, mask=m, **kw))
     groups = wl["in_channels"] // ConvGeometry(wl).group_in_channels
     out["dense conv2d"] = run(lambda: torch.nn.functional.conv2d(x, w, b, groups=groups, **kw))
@@ -170,8 +233,190 @@ def _offset_conv(wl: Workload, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return call
 
 
-def _roi_align_candidates(wl: Workload, mode: str, schedules) -> tuple[dict[str, Callable[[], torch.Tensor]], None]:
-    """The timed candidates of a RoI Align head (no untimed prelude)."""
+def _peer_threads() -> int:
+    # PyTorch's thread count, which TVM_NUM_THREADS also follows (tvm_dcn/__init__.py).
+    return torch.get_num_threads()
+
+
+class OnnxRuntimeDeformConv:
+    """ONNX Runtime's CPU ``DeformConv`` (ONNX opset 19) for one deformable-conv layer ``wl``.
+
+    A one-node ONNX model built in memory with inputs ``X`` (N, C, H, W), ``W`` (O, C/groups, kH,
+    kW), ``offset`` (N, 2 * offset_groups * kH * kW, oH, oW), ``B`` (O,) and ``mask``
+    (N, offset_groups * kH * kW, oH, oW) (``B`` and ``mask`` only where the layer has them), run
+    in an ``InferenceSession`` on the CPU with ``threads`` intra-op threads (default PyTorch's),
+    one inter-op thread and idle threads that sleep rather than spin. ``weight`` and ``bias`` are
+    fed as inputs on every call (as initializers they timed the same here, 2.01 against 1.92 ms at
+    256x14x14, side by side). The call takes and returns torch tensors in torchvision's layouts
+    (which are ONNX's): ``peer(input, offset, mask)``.
+    """
+
+    def __init__(self, wl: Workload, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 threads: Optional[int] = None):
+        import onnxruntime  # noqa: PLC0415
+
+        self.model = onnx_deform_conv_model(wl)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or _peer_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(self.model.SerializeToString(), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.constants = {"W": weight.detach().numpy()}
+        if bias is not None:
+            self.constants["B"] = bias.detach().numpy()
+
+    def __call__(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        feed = {"X": input.numpy(), "offset": offset.numpy(), **self.constants}
+        if mask is not None:
+            feed["mask"] = mask.numpy()
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def onnx_deform_conv_model(wl: Workload):
+    """The ``onnx.ModelProto`` of one ``DeformConv`` node (opset 19) computing layer ``wl``."""
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    geo = ConvGeometry(wl)
+    if geo.dtype != "float32":
+        raise ValueError(f"the onnxruntime peer runs float32 layers, got dtype {geo.dtype!r}")
+
+    def value(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+    inputs = [value("X", (geo.batch, geo.in_channels, geo.height, geo.width)),
+              value("W", (geo.out_channels, geo.group_in_channels, geo.kernel_h, geo.kernel_w)),
+              value("offset", (geo.batch, 2 * geo.offset_groups * geo.taps, geo.out_h, geo.out_w))]
+    names = ["X", "W", "offset", "", ""]  # "" leaves an optional input out
+    if geo.with_bias:
+        inputs.append(value("B", (geo.out_channels,)))
+        names[3] = "B"
+    if geo.with_mask:
+        inputs.append(value("mask", (geo.batch, geo.offset_groups * geo.taps, geo.out_h, geo.out_w)))
+        names[4] = "mask"
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node(
+        "DeformConv", names, ["Y"], dilations=[geo.dil_h, geo.dil_w], group=geo.groups,
+        kernel_shape=[geo.kernel_h, geo.kernel_w], offset_group=geo.offset_groups,
+        pads=[geo.pad_h, geo.pad_w, geo.pad_h, geo.pad_w], strides=[geo.stride_h, geo.stride_w])
+    graph = helper.make_graph([node], "deform_conv2d", inputs,
+                              [value("Y", (geo.batch, geo.out_channels, geo.out_h, geo.out_w))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def _openvino_opset8():
+    """OpenVINO's opset-8 node factories (``openvino.opset8`` since 2024, ``openvino.runtime.opset8``
+    before; openvino.runtime is gone in 2026)."""
+    try:
+        import openvino.opset8 as opset8  # noqa: PLC0415
+    except ImportError:
+        import openvino.runtime.opset8 as opset8  # noqa: PLC0415
+    return opset8
+
+
+@functools.lru_cache(maxsize=None)
+def _openvino_core():
+    # One Core, which holds the loaded CPU plugin, for all layers of the process.
+    import openvino  # noqa: PLC0415
+
+    return openvino.Core()
+
+
+class OpenVINODeformConv:
+    """OpenVINO's CPU ``DeformableConvolution`` (opset 8) for one deformable-conv layer ``wl``.
+
+    The model: parameters ``input`` (N, C, H, W), ``offset`` (N, 2 * offset_groups * kH * kW, oH,
+    oW) and ``mask`` (N, offset_groups * kH * kW, oH, oW) (where the layer has one),
+    ``DeformableConvolution`` with ``bilinear_interpolation_pad=True`` (samples near the border
+    blend with zero padding, as torchvision's do), then ``Add`` of the bias. ``weight`` and
+    ``bias`` are constants, as in a converted model (a constant weight ran faster: 2.12 against
+    2.51 ms as a parameter, at 256x14x14, side by side). Compiled for the CPU with
+    float32 inference precision (not the bf16 default of AVX-512 BF16 CPUs), ``threads``
+    inference threads (default PyTorch's), one stream, no CPU pinning. The call takes and returns
+    torch tensors: ``peer(input, offset, mask)``; the output is the request's buffer, overwritten
+    by the next call.
+    """
+
+    def __init__(self, wl: Workload, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 threads: Optional[int] = None):
+        import numpy as np  # noqa: PLC0415
+        import openvino  # noqa: PLC0415
+
+        opset8 = _openvino_opset8()
+        geo = ConvGeometry(wl)
+        if geo.dtype != "float32":
+            raise ValueError(f"the openvino peer runs float32 layers, got dtype {geo.dtype!r}")
+        shapes = {"input": (geo.batch, geo.in_channels, geo.height, geo.width),
+                  "offset": (geo.batch, 2 * geo.offset_groups * geo.taps, geo.out_h, geo.out_w)}
+        if geo.with_mask:
+            shapes["mask"] = (geo.batch, geo.offset_groups * geo.taps, geo.out_h, geo.out_w)
+        params = {name: opset8.parameter(list(shape), np.float32, name=name) for name, shape in shapes.items()}
+        out = opset8.deformable_convolution(
+            params["input"], params["offset"], opset8.constant(weight.detach().numpy()),
+            strides=[geo.stride_h, geo.stride_w], pads_begin=[geo.pad_h, geo.pad_w],
+            pads_end=[geo.pad_h, geo.pad_w], dilations=[geo.dil_h, geo.dil_w], mask=params.get("mask"),
+            group=geo.groups, deformable_group=geo.offset_groups, bilinear_interpolation_pad=True)
+        if bias is not None:
+            out = opset8.add(out, opset8.constant(bias.detach().numpy().reshape(1, -1, 1, 1)))
+        self.model = openvino.Model([out], list(params.values()), "deform_conv2d")
+        self.compiled = _openvino_core().compile_model(self.model, "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads or _peer_threads(),
+            "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
+        self.request = self.compiled.create_infer_request()
+        self.with_mask = geo.with_mask
+
+    def __call__(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (mask is not None) != self.with_mask:
+            raise ValueError(f"mask: this layer {'needs' if self.with_mask else 'has no'} mask")
+        arrays = [input.numpy(), offset.numpy()] + ([mask.numpy()] if mask is not None else [])
+        self.request.infer(arrays, share_inputs=True, share_outputs=True)
+        return torch.from_numpy(self.request.get_output_tensor(0).data)
+
+
+PEER_CLASSES = {"onnxruntime": OnnxRuntimeDeformConv, "openvino": OpenVINODeformConv}
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer's package imports but cannot run the layer (raised by the candidate in its place)."""
+
+
+def _unavailable(reason: str) -> Callable[[], torch.Tensor]:
+    def call():
+        raise PeerUnavailable(f"could not be built: {reason}")
+    return call
+
+
+def available_peers(peers=PEERS, log: Callable[[str], None] = print) -> tuple[str, ...]:
+    """The ``peers`` whose packages import; a line for each of the others, saying why it is left out."""
+    needs = {"onnxruntime": lambda: (__import__("onnx"), __import__("onnxruntime")),
+             "openvino": _openvino_opset8}
+    found = []
+    for name in peers:
+        try:
+            needs[name]()
+        except ImportError as err:
+            log(f"{name} column skipped: {err} (pip install 'tvm-dcn[bench]' installs it)")
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def _peer_version(name: str) -> str:
+    import importlib  # noqa: PLC0415
+    import importlib.metadata  # noqa: PLC0415
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # e.g. onnxruntime-gpu, an OpenVINO build
+        return getattr(importlib.import_module(name), "__version__", "?")
+
+
+def _roi_align_candidates(wl: Workload, mode: str, schedules, peers=()) -> tuple[dict[str, Callable[[], torch.Tensor]],
+                                                                              None]:
+    """The timed candidates of a RoI Align head (no untimed prelude; no peer runs RoI Align)."""
     import torchvision  # noqa: PLC0415
 
     from . import roi  # noqa: PLC0415
@@ -198,11 +443,11 @@ class _Case:
     up, checked against torchvision and warmed up on construction, then timed one repeat at a time
     (:meth:`repeat`), so that the repeats of several cases can be interleaved."""
 
-    def __init__(self, wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, slow_repeats: int = 3,
-                 warmup: int = 2):
-        self.result = CaseResult(case_name(wl), mode, count)
+    def __init__(self, wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, peers=(), slow_repeats: int = 3,
+                 warmup: int = 2, log: Callable[[str], None] = print):
+        self.result = CaseResult(case_name(wl), mode, count, batch=wl["batch"] if wl.op == FORWARD else None)
         factory = _conv_candidates if wl.op == FORWARD else _roi_align_candidates
-        candidates, self.prelude = factory(wl, mode, schedules)
+        candidates, self.prelude = factory(wl, mode, schedules, peers=peers)
         reference = candidates["torchvision"]().detach().clone()
         self.usable = {}
         for name, fn in candidates.items():
@@ -211,8 +456,20 @@ class _Case:
                     value = fn()  # compiles the kernels (and checks the schedule source exists)
             except LookupError:
                 continue  # e.g. no tuning record for this layer on this machine
-            if name.startswith("tvm-dcn"):
-                self.result.max_abs_err[name] = (value - reference).abs().max().item()
+            except PeerUnavailable as err:
+                self.result.not_timed[name] = str(err)
+                log(f"WARNING: {self.result.layer} [{mode}]: {name} {err}; not timed")
+                continue
+            if name.startswith("tvm-dcn") or name in PEERS:
+                err = (value - reference).abs().max().item()
+                self.result.max_abs_err[name] = err
+                limit = PEER_TOLERANCE * max(1.0, reference.abs().max().item())
+                if name in PEERS and not err <= limit:
+                    # A peer computing something else would be timed for the wrong work.
+                    reason = f"disagrees with torchvision: max abs error {err:.3g} > {limit:.3g}"
+                    self.result.not_timed[name] = reason
+                    log(f"WARNING: {self.result.layer} [{mode}]: {name} {reason}; not timed")
+                    continue
             self.usable[name] = fn
         # The untuned default is orders of magnitude slower: fewer repeats.
         self.slow = {name for name in self.usable if name.endswith("default")}
@@ -253,22 +510,22 @@ class _Case:
         return self.result
 
 
-def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, repeats: int = 20,
+def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, peers=(), repeats: int = 20,
              slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> CaseResult:
     """Time one layer (a deform_conv2d or roi_align forward workload) in one mode."""
-    return run_cases([(wl, count)], mode, schedules=schedules, repeats=repeats, slow_repeats=slow_repeats,
-                     warmup=warmup, log=log)[0]
+    return run_cases([(wl, count)], mode, schedules=schedules, peers=peers, repeats=repeats,
+                     slow_repeats=slow_repeats, warmup=warmup, log=log)[0]
 
 
-def run_cases(layers: list[tuple[Workload, int]], mode: str, *, schedules=SCHEDULES, repeats: int = 20,
+def run_cases(layers: list[tuple[Workload, int]], mode: str, *, schedules=SCHEDULES, peers=(), repeats: int = 20,
               slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> list[CaseResult]:
     """Time several layers in one mode, their repeats interleaved: repeat ``i`` of every layer
     (in a rotating order) before repeat ``i + 1`` of any. Timed one layer after the other, a burst
     of load on this shared host lasting one layer's few seconds hit that layer alone (the
     forward geomean over torchvision of three consecutive runs: 2.99x, 4.09x, 3.35x); spread over
     the whole run, it hits every layer alike and the median of each sheds it."""
-    cases = [_Case(wl, count, mode, schedules=schedules, slow_repeats=slow_repeats, warmup=warmup)
-             for wl, count in layers]
+    cases = [_Case(wl, count, mode, schedules=schedules, peers=peers, slow_repeats=slow_repeats, warmup=warmup,
+                   log=log) for wl, count in layers]
     for i in range(repeats):
         for j in range(len(cases)):
             cases[(i + j) % len(cases)].repeat(i)
@@ -301,17 +558,23 @@ def format_case(result: CaseResult) -> str:
     return f"{result.layer} [{result.mode}] ms: " + ", ".join(parts)
 
 
-def geomean_speedups(results: list[CaseResult], mode: str) -> dict[str, float]:
-    """Geometric mean over the distinct layers of torchvision time / candidate time."""
+def geomean_speedups(results: list[CaseResult], mode: str, batch: Optional[int] = None) -> dict[str, float]:
+    """Geometric mean over the distinct layers (those of batch size ``batch`` if given) of
+    torchvision time / candidate time, for the candidates timed on every one of them."""
+    rows = [r for r in results if r.mode == mode and (batch is None or r.batch == batch)]
     ratios: dict[str, list[float]] = {}
-    for r in results:
+    for r in rows:
         tv = r.times_ms.get("torchvision")
-        if r.mode != mode or not tv:
+        if not tv:
             continue
         for name, ms in r.times_ms.items():
             ratios.setdefault(name, []).append(tv / ms)
-    n_layers = sum(1 for r in results if r.mode == mode)
-    return {name: math.exp(sum(map(math.log, v)) / len(v)) for name, v in ratios.items() if len(v) == n_layers}
+    return {name: math.exp(sum(map(math.log, v)) / len(v)) for name, v in ratios.items() if len(v) == len(rows)}
+
+
+def batches_of(results: list[CaseResult]) -> list[int]:
+    """The batch sizes of the deformable-conv rows, in order of first appearance."""
+    return list(dict.fromkeys(r.batch for r in results if r.batch is not None))
 
 
 def environment() -> dict:
@@ -338,7 +601,7 @@ def _columns(results: list[CaseResult]) -> list[str]:
         for name in r.times_ms:
             if name not in names:
                 names.append(name)
-    order = [f"tvm-dcn {s}" for s in SCHEDULES] + list(BASELINES)
+    order = [f"tvm-dcn {s}" for s in SCHEDULES] + list(PEERS) + list(BASELINES)
     return [n for n in order if n in names]
 
 
@@ -359,10 +622,21 @@ def markdown_table(results: list[CaseResult], workload_set: str) -> str:
                 cells.append("-" if ms is None else f"{ms:.2f}" + (f" ({tv / ms:.2f}x)" if tv and c != "torchvision"
                                                                    else ""))
             lines.append(f"| {r.layer} | {r.count} | " + " | ".join(cells) + " |")
-        geo = geomean_speedups(results, mode)
-        lines.append("| **geomean speed-up** | | " + " | ".join(
-            f"**{geo[c]:.2f}x**" if c in geo else "-" for c in cols) + " |")
+        summaries = [("**geomean speed-up**", geomean_speedups(results, mode))]
+        batches = batches_of(rows)
+        if len(batches) > 1:
+            summaries += [(f"**geomean, batch {b}**", geomean_speedups(results, mode, b)) for b in batches]
+        for label, geo in summaries:
+            lines.append(f"| {label} | | " + " | ".join(f"**{geo[c]:.2f}x**" if c in geo else "-" for c in cols) + " |")
         lines.append("")
+        absent = [c for c in cols if c in PEERS and not any(c in r.times_ms for r in rows)]
+        if mode == "forward+backward" and absent:
+            lines += [f"{', '.join(absent)}: forward only (no backward).", ""]
+        for r in rows:
+            for name, reason in r.not_timed.items():
+                lines.append(f"- {r.layer}: {name} not timed, {reason}")
+        if any(r.not_timed for r in rows):
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -380,14 +654,15 @@ def plot(results: list[CaseResult], path: Path, title: str) -> bool:
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.8), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         rows = [r for r in results if r.mode == mode]
-        width = 0.8 / len(cols)
-        for i, c in enumerate(cols):
+        mode_cols = [c for c in cols if any(c in r.times_ms for r in rows)]  # no peer bars in forward+backward
+        width = 0.8 / len(mode_cols)
+        for i, c in enumerate(mode_cols):
             values = [r.times_ms["torchvision"] / r.times_ms[c] if c in r.times_ms else 0 for r in rows]
-            ax.bar([j + i * width for j in range(len(rows))], values, width, label=c)
+            ax.bar([j + i * width for j in range(len(rows))], values, width, label=c, color=f"C{cols.index(c)}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
-        ax.set_xticklabels([r.layer.replace(" k3x3", "").replace("dcnv2 b1 ", "") for r in rows], rotation=30,
+        ax.set_xticklabels([r.layer.replace(" k3x3", "").replace("dcnv2 ", "") for r in rows], rotation=30,
                            ha="right", fontsize=8)
         ax.set_ylabel("speed-up over torchvision (log)")
         ax.set_title(mode)
@@ -399,26 +674,36 @@ def plot(results: list[CaseResult], path: Path, title: str) -> bool:
     return True
 
 
-def run(workload_set: str = "resnet50-dcn-224", *, modes=MODES, schedules=SCHEDULES, repeats: int = 20,
-        output_dir: Optional[str] = "bench_results", log: Callable[[str], None] = print) -> list[CaseResult]:
-    """Benchmark every layer of ``workload_set``; write ``<output_dir>/<tag>/bench.*`` unless None."""
+def run(workload_set: str = "resnet50-dcn-224", *, modes=MODES, schedules=SCHEDULES, peers=PEERS,
+        batches: Optional[Sequence[int]] = None, repeats: int = 20, output_dir: Optional[str] = "bench_results",
+        log: Callable[[str], None] = print) -> list[CaseResult]:
+    """Benchmark every layer of ``workload_set`` (at each size of ``batches``, default the set's);
+    write ``<output_dir>/<tag>/bench.*`` unless None. ``peers`` whose packages do not import are
+    left out with a printed reason."""
+    layers = layers_of(load(workload_set), batches)
     env = environment()
     log(f"target {env['target_tag']} ({env['processor']}), torch {env['torch']}, {env['torch_threads']} threads")
-    layers = layers_of(load(workload_set))
+    peers = available_peers(peers, log) if "forward" in modes else ()
+    env["peers"] = {name: _peer_version(name) for name in peers}
+    if peers:
+        log("peers: " + ", ".join(f"{name} {version}" for name, version in env["peers"].items()))
     results = [result for mode in modes
-               for result in run_cases(layers, mode, schedules=schedules, repeats=repeats, log=log)]
+               for result in run_cases(layers, mode, schedules=schedules, peers=peers, repeats=repeats, log=log)]
     table = markdown_table(results, workload_set)
     log("\n" + table)
     if output_dir:
         folder = Path(output_dir) / env["target_tag"]
         folder.mkdir(parents=True, exist_ok=True)
         summary = {mode: geomean_speedups(results, mode) for mode in modes}
+        by_batch = {mode: {str(b): geomean_speedups(results, mode, b) for b in batches_of(results)} for mode in modes}
         (folder / "bench.json").write_text(json.dumps(
             {"environment": env, "workload_set": workload_set, "geomean_speedup_over_torchvision": summary,
+             "geomean_speedup_over_torchvision_by_batch": by_batch,
              "results": [asdict(r) for r in results]}, indent=1) + "\n")
+        versions = "".join(f", {name} {version}" for name, version in env["peers"].items())
         (folder / "bench.md").write_text(f"Environment: `{env['target_tag']}`, {env['processor']}, torch "
-                                         f"{env['torch']} ({env['torch_threads']} threads), {env['date']}\n\n"
-                                         + table)
+                                         f"{env['torch']} ({env['torch_threads']} threads){versions}, "
+                                         f"{env['date']}\n\n" + table)
         if plot(results, folder / "bench.png", f"tvm-dcn vs torchvision, {workload_set}, {env['target_tag']}"):
             log(f"wrote {folder}/bench.json, bench.md, bench.png")
         else:

@@ -3,7 +3,8 @@
     tvm-dcn info                      target, target tag, cache and tuning-record locations
     tvm-dcn bench [--workloads SET]   deformable conv layers of a set on the local CPU, forward and
                                       forward+backward: default / hand / tuned tvm-dcn kernels vs
-                                      torchvision and dense conv2d; table, JSON, Markdown, PNG
+                                      onnxruntime and openvino (forward, if installed), torchvision
+                                      and dense conv2d; table, JSON, Markdown, PNG
     tvm-dcn tune [--workloads SET]    MetaSchedule tuning; records to tuning_logs/<target-tag>/
 
 Two-step tuning for a GPU host without a compiler (tvm_dcn/remote_tune.py):
@@ -45,7 +46,9 @@ def _bench(args) -> int:
 
     schedules = tuple(s for s in bench.SCHEDULES if not (s == "default" and args.no_default))
     modes = ("forward",) if args.forward_only else bench.MODES
-    bench.run(args.workloads, modes=modes, schedules=schedules, repeats=args.repeats,
+    if args.batch is not None and any(b < 1 for b in args.batch):
+        raise SystemExit(f"tvm-dcn bench: --batch takes positive batch sizes, got {args.batch}")
+    bench.run(args.workloads, modes=modes, schedules=schedules, batches=args.batch, repeats=args.repeats,
               output_dir=args.output_dir or None)
     return 0
 
@@ -164,13 +167,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tvm-dcn", description="tvm-dcn: deformable convolution in Apache TVM")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="show the target, its tag and the cache locations").set_defaults(func=_info)
-    bench_parser = sub.add_parser("bench", help="time tvm-dcn against torchvision and dense conv2d on the CPU")
+    bench_parser = sub.add_parser("bench", help="time tvm-dcn against onnxruntime, openvino, torchvision and dense "
+                                                 "conv2d on the CPU")
     bench_parser.add_argument("--workloads", default="resnet50-dcn-224", help="workload set or file")
     bench_parser.add_argument("--output-dir", default="bench_results",
                               help="results go to OUTPUT_DIR/<target-tag>/bench.{json,md,png} ('' for none)")
     bench_parser.add_argument("--repeats", type=int, default=20, help="timed repeats per candidate (median reported)")
     bench_parser.add_argument("--no-default", action="store_true", help="skip the slow unscheduled kernels")
     bench_parser.add_argument("--forward-only", action="store_true", help="time the forward pass only")
+    bench_parser.add_argument("--batch", type=int, nargs="+", metavar="N",
+                              help="time every deformable-conv layer at these batch sizes, a row each "
+                                   "(e.g. --batch 1 8; default: the set's, 1 for the built-in sets)")
     bench_parser.set_defaults(func=_bench)
     tune_parser = sub.add_parser("tune", help="auto-schedule a workload set with MetaSchedule and export the records")
     tune_parser.add_argument("--workloads", nargs="+", default=["resnet50-dcn-224"],
