@@ -197,7 +197,7 @@ def _resnet_layer_kernels():
 @needs_nvcc
 def test_resource_usage_of_real_layers_fits_sm90():
     """No register spills or stack, shared memory far below 48 KiB, and the GEMM kernels do tile
-    through shared memory (the numbers are in the README)."""
+    through shared memory (the numbers are in docs/cuda.md)."""
     for name, wl in _resnet_layer_kernels().items():
         usage = tvm_dcn.compile(wl, SM90, use_disk_cache=False).resource_usage()
         assert usage, name

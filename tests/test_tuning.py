@@ -416,7 +416,7 @@ def test_rpc_arguments_are_checked():
 def test_candidates_computing_an_extern_input_late_are_rejected():
     """The input-gradient scatter is an extern block with no declared accesses, so TVM lets a
     schedule compute its ``corner_index`` input after it (MetaSchedule's compute_at into the later
-    corner_sum loops did, and those candidates crashed). The check finds that order; the tuner's
+    corner_sum loops does, and such candidates crash). The check finds that order; the tuner's
     postprocessor rejects such candidates; hand schedules pass."""
     wl = backward_data_workload(TINY, need_input=True, need_sampling=True)
     target = tvm_dcn.target.as_target(None)

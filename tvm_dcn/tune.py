@@ -65,8 +65,8 @@ HAND_MARGIN = 1.10
 # Verification runs the candidates of all tasks this many times, in alternating order, and scores
 # each by its fastest pass (the mean of that pass's repeats): load on this shared host comes in
 # bursts that slow whole measurements by 30-50% (the repeats within one pass agree to a few
-# percent), and load only ever slows a kernel down. With two passes scored by their mean, a
-# re-verification had records 23-40% "ahead" of hand schedules that equalled or beat them in
+# percent), and load only ever slows a kernel down. Scored by the mean of two passes, the same
+# candidates put records 23-40% "ahead" of hand schedules that equalled or beat them in
 # `tvm-dcn bench`; four passes of the same candidates put those records and hands within 5%, each
 # ahead in some pass. Check a displaced hand schedule in `tvm-dcn bench` before committing.
 VERIFY_PASSES = 4
