@@ -97,9 +97,11 @@ def call_kwargs(cfg: Config) -> dict:
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): one worker per CPU this process may use, at most 4 (each
-    worker holds torch, TVM and its kernels; the kernels themselves use every core)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """``-n auto`` (pyproject's addopts): one worker more than the CPUs this process may use, at
+    most 4 (each worker holds torch, TVM and its kernels). The extra worker fills the time the
+    others wait on subprocesses: tuning's builders and runners, RPC servers, child processes."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cpus + 1)
 
 
 @pytest.fixture(scope="session", autouse=True)

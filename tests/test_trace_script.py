@@ -159,6 +159,9 @@ def test_script_every_module():
         (tvm_dcn.DeformRoIPool((3, 2), 0.5, 2), (x, boxes)),
         (tvm_dcn.ModulatedDeformRoIPoolPack((3, 2), 8, 16, 0.5, 2), (x, boxes)),
         (tvm_dcn.DeformRoIPooling(0.5, 2, 2, True, group_size=2), (x, boxes)),
+        (tvm_dcn.DeformRoIPoolingPack(0.5, 2, 8, False, deform_fc_channels=16), (x, boxes)),
+        (tvm_dcn.DeformRoIPoolingPack(0.5, 2, 8, True), (x, boxes)),
+        (tvm_dcn.ModulatedDeformConv2dPack(8, 4, 3, padding=1), (x,)),
         (tvm_dcn.DeformConv2d(8, 4, 3, padding=1), (x, torch.randn(2, 18, 9, 11, generator=g))),
         (tvm_dcn.DeformConv2dPack(8, 4, 3, padding=1), (x,)),
     ]

@@ -523,17 +523,16 @@ def test_committed_records_build_reproducibly(tag, target, workload, fresh_memor
 @pytest.mark.slow
 @pytest.mark.skipif(not COMMITTED, reason="no committed tuning records")
 @pytest.mark.parametrize("tag", sorted({t for t, _, _ in COMMITTED}))
-def test_every_committed_record_applies(tag, fresh_memory_cache):
-    """Every record of the tag is found for its workload, replays (no stale trace) and passes the
-    extern-stage check; the representative records above are also built twice and run."""
+def test_every_committed_record_applies(tag):
+    """Every record of the tag is found for its workload, replays onto its PrimFunc (no stale
+    trace) and passes the extern-stage check; the representative records above are also built
+    twice and run."""
     for record_tag, target, workload in COMMITTED:
         if record_tag != tag:
             continue
         source, scheduled = tvm_dcn.kernel.scheduled_module(workload, target, schedule="tuned")
         assert source == "tuned", workload.short_name()
         assert schedule_checks.extern_input_computed_late(scheduled) is None, workload.short_name()
-        kernel = tvm_dcn.compile(workload, target, schedule="tuned")
-        assert kernel.schedule_source == "tuned" and kernel.target_tag == tag
 
 
 def _numbered_addresses(llvm_ir: str) -> str:

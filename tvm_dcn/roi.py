@@ -1201,6 +1201,10 @@ class DeformRoIPoolingPack(DeformRoIPooling):
         if not no_trans:
             self.offset_fc = _fc_stack(out_size * out_size * out_channels, deform_fc_channels,
                                        self.part_size * self.part_size * 2, num_offset_fcs)
+        else:
+            # No parameters (mmdetection's state_dict keys), but TorchScript compiles the offset
+            # branch of forward too, so the attribute must exist.
+            self.offset_fc = nn.Identity()
 
     def forward(self, input: torch.Tensor, rois: Boxes) -> torch.Tensor:  # type: ignore[override]
         if self.no_trans:
