@@ -36,7 +36,7 @@ def sampling_kernel(wl, target):
     t = Placeholders(geo, False)
     columns = forward_columns(wl, geo, t.data, *sampling_stages(geo, t.offset, t.mask))
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(t.sampling_args() + [columns])}))
-    cpu_deform_conv2d.forward_columns(sch, wl, geo, cpu_deform_conv2d._geometry(wl, target)[1])
+    cpu_deform_conv2d.forward_columns(sch, wl, geo, cpu_deform_conv2d.geometry(wl, target)[1])
     return tvm.compile(sch.mod, target=target), t.sampling_args() + [columns]
 
 
@@ -45,7 +45,7 @@ def gemm_kernel(wl, target):
     forward kernel (groups = 1)."""
     geo = ConvGeometry(wl)
     weight = te.placeholder((geo.out_channels, geo.reduction), geo.dtype, name="weight")
-    lanes = cpu_deform_conv2d._geometry(wl, target)[1]
+    lanes = cpu_deform_conv2d.geometry(wl, target)[1]
     if columns_formulation(wl) == COLUMNS_GATHER:
         shape = (geo.batch, geo.reduction, geo.padded_pixels)
     else:

@@ -24,11 +24,15 @@ from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, largest_
                          parallel_vectorize, vector_lanes, vector_registers)
 
 
-def _geometry(workload, target):
-    from tvm_dcn.ops.deform_conv import SPATIAL_ALIGN, ConvGeometry
+def geometry(workload, target):
+    """(ConvGeometry, lanes): the workload's shapes and the vector width of its pixel axis on
+    ``target``: the target's lanes, at most the workload's pixel alignment (P' holds whole
+    vectors: 16 float32 lanes on AVX-512 where ``ops.for_target`` gave the workload
+    ``pixel_align=16``, else at most 8)."""
+    from tvm_dcn.ops.deform_conv import ConvGeometry
 
     geo = ConvGeometry(workload)
-    return geo, min(vector_lanes(geo.dtype, target), SPATIAL_ALIGN)
+    return geo, min(vector_lanes(geo.dtype, target), geo.pixel_align)
 
 
 def _sampling(sch: Schedule, lanes: int, *, weights: bool = True) -> None:
@@ -49,13 +53,20 @@ def column_stripes(lanes: int):
     return lambda n, c, k, p: (n, p // lanes, c, k, p % lanes)
 
 
+def column_tile(dtype: str, lanes: int) -> int:
+    """Channels (and pixels) of one transposed tile of the channels-last columns: 8 for float32
+    where the pixel vectors are whole multiples of it (the 8 x 8 transposition intrinsic of
+    ``cpu_transpose``; a 16-lane stripe takes two such tiles side by side), else ``lanes``."""
+    return cpu_transpose.TILE if dtype == "float32" and lanes % cpu_transpose.TILE == 0 else lanes
+
+
 def has_column_stripes(geo, lanes: int) -> bool:
-    return geo.channels_per_offset_group % lanes == 0
+    return geo.channels_per_offset_group % column_tile(geo.dtype, lanes) == 0
 
 
 def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     """input_channels_last and the (N, C, K, P') deform_col (``ops.deform_conv.channel_major_columns``):
-    each (lanes channels x lanes pixels) tile of one tap is computed with vector loads along the
+    each (tile channels x tile pixels) tile of one tap is computed with vector loads along the
     channels into registers and stored transposed (pixels contiguous, as the GEMM reads them)."""
     _sampling(sch, lanes)
     transpose = sch.get_sblock("input_channels_last")
@@ -66,30 +77,34 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     block = sch.get_sblock("deform_col")
     n, c, k, p = sch.get_loops(block)
     if not has_column_stripes(geo, lanes):
-        # A tile of lanes channels would straddle two offset groups (other corners): per row.
+        # A tile of channels would straddle two offset groups (other corners): per row.
         sch.parallel(sch.fuse(n, c, k))
         sch.vectorize(sch.split(p, [None, lanes])[1])
         return
-    c_outer, c_inner = sch.split(c, [None, lanes])
+    tile = column_tile(geo.dtype, lanes)
+    c_outer, c_inner = sch.split(c, [None, tile])
     p_outer, p_inner = sch.split(p, [None, lanes])
     # Taps outside channel tiles: the corner indices and weights of a tap's pixels are read for
     # every channel tile in a row (measured: sampling 5-20% faster than channel tiles outside).
     sch.reorder(n, p_outer, k, c_outer, p_inner, c_inner)
     sch.parallel(sch.fuse(n, p_outer))
-    tile = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(tile, c_outer)
+    tile_block = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(tile_block, c_outer)
     # Columns stored in stripes of one pixel vector, (N, P'/lanes, C, K, lanes): the GEMM then
     # streams each stripe contiguously, where (N, C, K, P') puts every step of its reduction in
     # another cache line, half of it used. Measured here (GEMMs alone, interleaved): 9% faster at
     # 512 channels x 56 pixels, 7-8% at 128 x 784, equal at 256 x 208.
-    sch.transform_layout(tile, ("write", 0), column_stripes(lanes))
+    sch.transform_layout(tile_block, ("write", 0), column_stripes(lanes))
     sch.unroll(p_inner)
     sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
-    tile_rows, tile_pixels = sch.get_loops(tile)[-2:]
-    if lanes == 8 and geo.dtype == "float32":
-        # The tile pixel-major (each vector over channels a row), stored transposed by shuffles:
-        # left to itself, LLVM moves the tile through the stack element by element.
+    tile_rows, tile_pixels = sch.get_loops(tile_block)[-2:]
+    if tile == cpu_transpose.TILE and geo.dtype == "float32":
+        # The tile pixel-major (each vector over channels a row), stored transposed by shuffles
+        # (8 x 8 at a time): left to itself, LLVM moves the tile through the stack element by element.
         sch.transform_layout(block, ("write", 0), lambda n, c, k, p: (n, k, p, c))
+        if lanes > tile:
+            halves, tile_pixels = sch.split(tile_pixels, [None, tile])
+            sch.reorder(halves, tile_rows)
         sch.tensorize(tile_rows, cpu_transpose.register())
         return
     sch.unroll(tile_rows)
@@ -111,7 +126,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
 
     ``sampled`` (all schedules here): GEMM tile sizes are MetaSchedule decisions: the schedule is
     then a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it."""
-    geo, lanes = _geometry(workload, target)
+    geo, lanes = geometry(workload, target)
     # Output (and bias) from the GEMM's registers where no tile reaches into the pixel padding.
     epilogue = "output" if geo.padded_pixels == geo.pixels else None
     forward_columns(sch, workload, geo, lanes)
@@ -125,7 +140,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
 def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
     sums that give the offset and mask gradients."""
-    geo, lanes = _geometry(workload, target)
+    geo, lanes = geometry(workload, target)
     _sampling(sch, lanes, weights=workload["need_input"])
     parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
     blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
@@ -152,7 +167,7 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = Fals
 def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
     grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""
-    geo, lanes = _geometry(workload, target)
+    geo, lanes = geometry(workload, target)
     if workload["need_weight"]:
         _columns(sch, lanes)
         parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)

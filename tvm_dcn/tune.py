@@ -48,7 +48,7 @@ from typing import Optional, Sequence
 
 import tvm
 
-from . import __version__, schedule_checks
+from . import __version__, ops, schedule_checks
 from .kernel import ir_module
 from .target import TargetLike, as_target, target_config, target_tag
 from .tuning_records import MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, records_dir
@@ -397,10 +397,10 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     ms = _ms()
     if trials_per_task < 1:
         raise ValueError(f"trials_per_task must be positive, got {trials_per_task}")
-    pairs = unique_with_counts(workloads)
+    target = as_target(target)
+    pairs = unique_with_counts(ops.for_target(wl, target) for wl in workloads)  # the target's formulation
     if not pairs:
         raise ValueError("workloads: nothing to tune")
-    target = as_target(target)
     tag = target_tag(target)
     work_dir = Path(work_dir) if work_dir is not None else Path("tvm-dcn-tuning") / tag
     work_dir.mkdir(parents=True, exist_ok=True)
