@@ -20,11 +20,20 @@ def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
     return 1
 
 
-def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int) -> None:
+def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled: bool = False) -> None:
     """Fuse the first ``parallel_axes`` loops into a parallel loop and vectorise the innermost loop
-    by ``lanes`` (its extent must be a multiple of ``lanes``)."""
+    by ``lanes`` (its extent must be a multiple of ``lanes``).
+
+    ``sampled``: the vector width (half, once or twice ``lanes``, where it divides the loop) and
+    the parallel split (the fused loop's outer factor runs in parallel, the inner one serially
+    inside each task) are MetaSchedule decisions."""
     loops = sch.get_loops(sch.get_sblock(block))
     outer = sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0]
+    if sampled:
+        outer = sch.split(outer, sch.sample_perfect_tile(outer, n=2))[0]
+        extent = int(sch.get(loops[-1]).extent)
+        widths = [w for w in (lanes // 2, lanes, 2 * lanes) if w >= 1 and extent % w == 0]
+        lanes = sch.sample_categorical(widths, [1 / len(widths)] * len(widths)) if len(widths) > 1 else widths[0]
     sch.parallel(outer)
     _, inner = sch.split(loops[-1], [None, lanes])
     sch.vectorize(inner)
