@@ -53,15 +53,18 @@ def column_stripes(lanes: int):
     return lambda n, c, k, p: (n, p // lanes, c, k, p % lanes)
 
 
-def column_tile(dtype: str, lanes: int) -> int:
-    """Channels (and pixels) of one transposed tile of the channels-last columns: 8 for float32
-    where the pixel vectors are whole multiples of it (the 8 x 8 transposition intrinsic of
-    ``cpu_transpose``; a 16-lane stripe takes two such tiles side by side), else ``lanes``."""
-    return cpu_transpose.TILE if dtype == "float32" and lanes % cpu_transpose.TILE == 0 else lanes
+def column_tile(geo, lanes: int) -> int:
+    """Channels of one tile of the channels-last columns (a tile: these channels x ``lanes``
+    pixels of one tap): ``lanes`` where they divide the channels of an offset group, else 8
+    (float32, where 8 divides both), else ``lanes``."""
+    group = geo.channels_per_offset_group
+    if group % lanes and geo.dtype == "float32" and lanes % cpu_transpose.TILE == 0 and group % cpu_transpose.TILE == 0:
+        return cpu_transpose.TILE
+    return lanes
 
 
 def has_column_stripes(geo, lanes: int) -> bool:
-    return geo.channels_per_offset_group % column_tile(geo.dtype, lanes) == 0
+    return geo.channels_per_offset_group % column_tile(geo, lanes) == 0
 
 
 def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False) -> None:
@@ -85,7 +88,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
         sch.parallel(sch.fuse(n, c, k))
         sch.vectorize(sch.split(p, [None, lanes])[1])
         return
-    tile = column_tile(geo.dtype, lanes)
+    tile = column_tile(geo, lanes)
     c_outer, c_inner = sch.split(c, [None, tile])
     p_outer, p_inner = sch.split(p, [None, lanes])
     if sampled:
@@ -110,13 +113,15 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
     sch.unroll(p_inner)
     sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
     tile_rows, tile_pixels = sch.get_loops(tile_block)[-2:]
-    if tile == cpu_transpose.TILE and geo.dtype == "float32":
-        # The tile pixel-major (each vector over channels a row), stored transposed by shuffles
-        # (8 x 8 at a time): left to itself, LLVM moves the tile through the stack element by element.
+    if geo.dtype == "float32" and tile % cpu_transpose.TILE == 0 and lanes % cpu_transpose.TILE == 0:
+        # The tile pixel-major (each vector over channels a row), stored transposed by shuffles,
+        # 8 x 8 at a time (a 16 x 16 tile of AVX-512: four, on the 256-bit halves of its rows):
+        # left to itself, LLVM moves the tile through the stack element by element.
         sch.transform_layout(block, ("write", 0), lambda n, c, k, p: (n, k, p, c))
-        if lanes > tile:
-            halves, tile_pixels = sch.split(tile_pixels, [None, tile])
-            sch.reorder(halves, tile_rows)
+        if tile > cpu_transpose.TILE or lanes > cpu_transpose.TILE:
+            row_blocks, tile_rows = sch.split(tile_rows, [None, cpu_transpose.TILE])
+            pixel_blocks, tile_pixels = sch.split(tile_pixels, [None, cpu_transpose.TILE])
+            sch.reorder(row_blocks, pixel_blocks, tile_rows)
         sch.tensorize(tile_rows, cpu_transpose.register())
         return
     sch.unroll(tile_rows)
