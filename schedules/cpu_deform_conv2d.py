@@ -6,8 +6,11 @@
 - Forward im2col (channels-last): the input is transposed to channels-last, then each
   (lanes x lanes) tile of (channels at one tap) x pixels is computed with vector loads along the
   channels (the four corners of a sample are contiguous there) into registers and stored
-  transposed, pixels contiguous, as the GEMM reads them (8 x 8 float32 tiles by the shuffles of
-  ``cpu_transpose``), in stripes of one pixel vector.
+  transposed, pixels contiguous, as the GEMM reads them (float32: 8 x 8 blocks by the shuffles of
+  ``cpu_transpose``; AVX-512's 16 x 16 tiles take four), in stripes of one pixel vector.
+- Vector widths and register tiles follow the target (``tvm_dcn.target.cpu_vector_unit``): 16
+  float32 lanes and 32 registers with AVX-512 (whose forward workloads pad the pixels to whole
+  16-lane vectors: ``pixel_align``), 8 and 16 with AVX2, 4 and 32 on AArch64.
 - Backward im2col (channel-major rows): parallel over (batch, channel*tap) rows, vectorised
   along pixels (the four corner reads are gathers; their indices and weights are contiguous).
 - GEMMs (forward output, column gradient, weight gradient): register-blocked micro-kernels
