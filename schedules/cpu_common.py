@@ -56,16 +56,17 @@ def vector_registers(target) -> int:
 
 def register_tile(group_rows: int, pixel_vectors: int, registers: int) -> tuple[int, int]:
     """(rows, pixel vectors) of the GEMM's register tile: the accumulators that stay in registers
-    across the reduction. Half the registers accumulate.
+    across the reduction. Half the registers accumulate, in tiles of two pixel vectors where the
+    pixels pair up, else of one.
 
-    16 registers (AVX2): two pixel vectors per tile where the pixels allow (4 x 2: 6 loads per 8
-    FMAs, where 8 x 1 needs 9), else one. 32 registers (AVX-512, AArch64): one pixel vector by 16
-    rows; on AVX-512 each row's weight is an embedded broadcast (a memory operand of its FMA), so
-    a reduction step is one vector load and 16 FMAs. Measured on Zen 5 (2 cores, GEMMs alone,
-    interleaved): 16 x 1 of 16 lanes 1.7-2.0x the throughput of the 8-lane 8 x 2 tile on all six
-    ResNet-50 DCN layers, 10-40% faster than 8 x 1 and 2 x 7 at 784 pixels and than 8 x 1 at 208.
+    16 registers (AVX2): 4 x 2 (6 loads per 8 FMAs, where 8 x 1 needs 9), else 8 x 1. 32
+    registers (AVX-512, AArch64): 8 x 2, else 16 x 1; on AVX-512 each row's weight is an embedded
+    broadcast (a memory operand of its FMA). Measured on Zen 5 (2 cores, the forward GEMMs alone,
+    interleaved): with 16 lanes, 16 x 1 1.7-2.0x the throughput of the 8-lane 8 x 2 tile on all
+    six ResNet-50 DCN layers, and faster than 8 x 1 and 2 x 7 at 784 pixels (49 vectors) and
+    than 8 x 1 at 208 (13); at 64 pixels (4 vectors) 8 x 2 was 20% faster than 16 x 1 and 4 x 4.
     """
-    vectors = 2 if registers <= 16 and pixel_vectors % 2 == 0 else 1
+    vectors = 2 if pixel_vectors % 2 == 0 else 1
     return largest_divisor(group_rows, max(1, registers // 2 // vectors)), vectors
 
 

@@ -75,7 +75,7 @@ def test_pixel_align_is_validated():
 
 @pytest.mark.parametrize("registers, pixel_vectors, tile", [
     (16, 98, (4, 2)), (16, 7, (8, 1)),  # AVX2: 4 x 2 where the vectors pair up, else 8 x 1
-    (32, 49, (16, 1)), (32, 13, (16, 1)), (32, 4, (16, 1)),
+    (32, 49, (16, 1)), (32, 13, (16, 1)), (32, 4, (8, 2)),  # AVX-512, AArch64
 ])
 def test_register_tile_per_register_count(registers, pixel_vectors, tile):
     assert cpu_common.register_tile(128, pixel_vectors, registers) == tile
