@@ -105,10 +105,14 @@ def test_aarch64_forward_builds_with_128_bit_vectors(target, register_form):
 
 
 def test_avx512_gemm_uses_16_lanes_and_embedded_broadcasts():
-    source, mod = kernel.scheduled_module(_layer(), AVX512, schedule="hand")
-    asm = tvm.compile(mod, target=AVX512).mod.inspect_source("s")
-    forms = _fma_forms(asm)
-    assert any("{NtoN}, %zmmN, %zmmN" in form for form in forms)  # 16-lane FMAs, the weight broadcast from memory
+    # 36 pixels: 3 vectors of 16, the 16 x 1 tile, each row's weight a broadcast memory operand.
+    source, mod = kernel.scheduled_module(_layer(size=6), AVX512, schedule="hand")
+    forms = _fma_forms(tvm.compile(mod, target=AVX512).mod.inspect_source("s"))
+    assert any("{NtoN}, %zmmN, %zmmN" in form for form in forms)
+    # 81 pixels: 6 vectors, the 8 x 2 tile: 16-lane FMAs too.
+    source, mod = kernel.scheduled_module(_layer(size=9), AVX512, schedule="hand")
+    forms = _fma_forms(tvm.compile(mod, target=AVX512).mod.inspect_source("s"))
+    assert sum(count for form, count in forms.items() if form.endswith("%zmmN, %zmmN")) >= 16
     source, mod = kernel.scheduled_module(_layer(), AVX2, schedule="hand")
     forms = _fma_forms(tvm.compile(mod, target=AVX2).mod.inspect_source("s"))
     assert forms and not any("zmm" in form for form in forms)
