@@ -3,29 +3,30 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .._utils import dtype_bytes, largest_divisor
+from .._utils import largest_divisor
+from ..cpu_isa import vector_unit
 
 
 def vector_lanes(dtype: str, target) -> int:
-    """SIMD lanes of ``dtype`` on ``target`` (256-bit vectors unless the CPU has AVX-512)."""
-    bits = 512 if "avx512" in str(target.attrs.get("mcpu", "")) or _has_avx512(target) else 256
-    return max(1, bits // (8 * dtype_bytes(dtype)))
+    """SIMD lanes of ``dtype`` in one vector register of ``target`` (``tvm_dcn.cpu_isa.vector_unit``:
+    16 float32 lanes with AVX-512, 8 with AVX2, 4 with NEON)."""
+    return vector_unit(target).lanes(dtype)
 
 
-def _has_avx512(target) -> bool:
-    try:
-        import tvm
-
-        return bool(tvm.get_global_func("target.llvm_cpu_has_feature")("avx512f", target))
-    except Exception:
-        return False
-
-
-def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int) -> None:
+def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled: bool = False) -> None:
     """Fuse the first ``parallel_axes`` loops into a parallel loop and vectorise the innermost loop
-    by ``lanes`` (its extent must be a multiple of ``lanes``)."""
+    by ``lanes`` (its extent must be a multiple of ``lanes``).
+
+    ``sampled``: the vector width (half, once or twice ``lanes``, where it divides the loop) and
+    the parallel split (the fused loop's outer factor runs in parallel, the inner one serially
+    inside each task) are MetaSchedule decisions."""
     loops = sch.get_loops(sch.get_sblock(block))
     outer = sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0]
+    if sampled:
+        outer = sch.split(outer, sch.sample_perfect_tile(outer, n=2))[0]
+        extent = int(sch.get(loops[-1]).extent)
+        widths = [w for w in (lanes // 2, lanes, 2 * lanes) if w >= 1 and extent % w == 0]
+        lanes = sch.sample_categorical(widths, [1 / len(widths)] * len(widths)) if len(widths) > 1 else widths[0]
     sch.parallel(outer)
     _, inner = sch.split(loops[-1], [None, lanes])
     sch.vectorize(inner)
@@ -42,8 +43,24 @@ def core_count(target) -> int:
 
 
 def vector_registers(target) -> int:
-    """Architectural vector registers: 32 with AVX-512, 16 with AVX2 (and other CPUs assumed so)."""
-    return 32 if _has_avx512(target) else 16
+    """Architectural vector registers of ``target``: 32 with AVX-512 and on AArch64, 16 with AVX2."""
+    return vector_unit(target).registers
+
+
+def register_tile(group_rows: int, pixel_vectors: int, registers: int) -> tuple[int, int]:
+    """(rows, pixel vectors) of the GEMM's register tile: the accumulators that stay in registers
+    across the reduction. Half the registers accumulate, in tiles of two pixel vectors where the
+    pixels pair up, else of one.
+
+    16 registers (AVX2): 4 x 2 (6 loads per 8 FMAs, where 8 x 1 needs 9), else 8 x 1. 32
+    registers (AVX-512, AArch64): 8 x 2, else 16 x 1; on AVX-512 each row's weight is an embedded
+    broadcast (a memory operand of its FMA). Measured on Zen 5 (2 cores, the forward GEMMs alone,
+    interleaved): with 16 lanes, 16 x 1 1.7-2.0x the throughput of the 8-lane 8 x 2 tile on all
+    six ResNet-50 DCN layers, and faster than 8 x 1 and 2 x 7 at 784 pixels (49 vectors) and
+    than 8 x 1 at 208 (13); at 64 pixels (4 vectors) 8 x 2 was 20% faster than 16 x 1 and 4 x 4.
+    """
+    vectors = 2 if pixel_vectors % 2 == 0 else 1
+    return largest_divisor(group_rows, max(1, registers // 2 // vectors)), vectors
 
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
@@ -51,60 +68,67 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
     Each (rows x vectors*lanes) output tile stays in vector registers across the whole reduction,
-    fed per reduction step by one broadcast per row and ``vectors`` vector loads; tiles are grouped
-    into blocks of rows x pixels distributed over cores. Half the ``registers`` hold accumulators:
-    two pixel vectors per tile where the pixels allow (4 x 2 with AVX2's 16 registers: 6 loads per
-    8 FMAs, where 8 x 1 needs 9), else one. Tiles never straddle a group of ``group_rows`` rows (a
+    fed per reduction step by one broadcast per row and ``vectors`` vector loads (the tile:
+    ``register_tile`` for the target's ``registers``); tiles are grouped into blocks of rows x
+    pixels distributed over cores. Tiles never straddle a group of ``group_rows`` rows (a
     convolution group reads another slice of its operands). ``batch_rows``: batch x rows, the
     number of rows over all parallel tasks. ``epilogue``: an elementwise consumer of the GEMM
     (e.g. the bias addition) computed per tile from the registers, so the GEMM's own buffer
     never reaches memory (one pass less over the output, which is cold after other work).
 
-    ``sampled``: the tile sizes become MetaSchedule decisions (``sample_perfect_tile``), making
-    this a design space for the tuner; the fixed choices above are one point of it.
+    ``sampled``: a design space for the tuner (``tvm_dcn.tune``), the fixed choices one point of
+    it: the tile (rows, pixel vectors), the vector width (``lanes`` or half of it), the rows and
+    pixels of a parallel task, and the loop order inside a task (row tiles inside or outside the
+    pixel stripes: the rows' middle loop is split in two, one on either side of the pixels'
+    middle loop, so the order is a tile-size decision too, which a replayed trace re-evaluates).
     """
-    vectors = 2 if pixel_vectors % 2 == 0 else 1
-    rows = largest_divisor(group_rows, max(1, registers // 2 // vectors))
-    block_rows = largest_divisor(group_rows, ROW_BLOCK, multiple_of=rows)
-    if block_rows % rows:
-        block_rows = rows
-    # Enough parallel tasks for every core: split pixels only when row blocks are too few.
-    row_blocks = batch_rows // block_rows
-    tile_columns = pixel_vectors // vectors
-    pixel_blocks = 1
-    while row_blocks * pixel_blocks < 4 * cores and tile_columns % (pixel_blocks * 2) == 0:
-        pixel_blocks *= 2
-
     gemm = sch.get_sblock(block)
     loops = sch.get_loops(gemm)
     n, row, p, reduction = loops[0], loops[1], loops[2], loops[3:]
     if sampled:
-        row_factors = sch.sample_perfect_tile(row, n=3, max_innermost_factor=2 * ACCUMULATOR_VECTORS)
-        row_outer, row_mid, row_inner = sch.split(row, row_factors)
-        p_vectors, p_inner = sch.split(p, [None, lanes])
-        p_outer, p_mid, p_vector = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=3, max_innermost_factor=4))
-        tile = [row_inner, p_vector, p_inner]
+        row_outer, row_before, row_after, row_inner = sch.split(
+            row, sch.sample_perfect_tile(row, n=4, max_innermost_factor=2 * ACCUMULATOR_VECTORS))
+        p_vectors, p_lanes = sch.split(p, [None, lanes])
+        p_outer, p_mid, p_vector = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=3, max_innermost_factor=8))
+        # The vector width: lanes, or half of it with twice the vectors (a decision, not a branch).
+        width = sch.sample_categorical([1, 2], [0.5, 0.5]) if lanes % 2 == 0 else 1
+        p_half, p_inner = sch.split(p_lanes, [width, None])
+        tile = [row_inner, p_vector, p_half, p_inner]
+        sch.reorder(n, row_outer, p_outer, row_before, p_mid, row_after, *reduction, *tile)
+        middle = row_after
     else:
+        rows, vectors = register_tile(group_rows, pixel_vectors, registers)
+        block_rows = largest_divisor(group_rows, ROW_BLOCK, multiple_of=rows)
+        if block_rows % rows:
+            block_rows = rows
+        # Enough parallel tasks for every core: split pixels only when row blocks are too few.
+        row_blocks = batch_rows // block_rows
+        tile_columns = pixel_vectors // vectors
+        pixel_blocks = 1
+        while row_blocks * pixel_blocks < 4 * cores and tile_columns % (pixel_blocks * 2) == 0:
+            pixel_blocks *= 2
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
         p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
         tile = [row_inner, p_vector, p_inner]
-    # With two-vector tiles, pixel stripes outside and row tiles inside: a stripe of the columns
-    # (reduction x 16 pixels) is read from memory once and reused from L2 by every row tile of
-    # the block, where the other order streams all the columns once per row tile. Measured here:
-    # the 128-channel forward and backward-data kernels 9-12% faster; with one-vector tiles
-    # (narrower stripes, more weight traffic) it was 6-9% slower, so those keep rows outside.
-    middle = (p_mid, row_mid) if pixel_vectors % 2 == 0 else (row_mid, p_mid)
-    sch.reorder(n, row_outer, p_outer, *middle, *reduction, *tile)
+        # With multi-vector tiles, pixel stripes outside and row tiles inside: a stripe of the
+        # columns (reduction x vectors*lanes pixels) is read from memory once and reused from L2
+        # by every row tile of the block, where the other order streams all the columns once per
+        # row tile. Measured (AVX2): the 128-channel forward and backward-data kernels 9-12%
+        # faster; with one-vector tiles (narrower stripes, more weight traffic) it was 6-9%
+        # slower, so those keep rows outside.
+        order = (p_mid, row_mid) if vectors > 1 else (row_mid, p_mid)
+        sch.reorder(n, row_outer, p_outer, *order, *reduction, *tile)
+        middle = order[-1]
     sch.parallel(sch.fuse(n, row_outer, p_outer))
     if epilogue is None:
         accumulator = sch.cache_write(gemm, 0, "local")
     else:
         sch.set_scope(gemm, 0, "local")
         accumulator = sch.get_sblock(epilogue)
-    sch.reverse_compute_at(accumulator, middle[-1])
+    sch.reverse_compute_at(accumulator, middle)
     for loop in tile[:-1]:
         sch.unroll(loop)
-    sch.vectorize(p_inner)  # before decompose_reduction: it needs the complete reduction block
+    sch.vectorize(tile[-1])  # before decompose_reduction: it needs the complete reduction block
     sch.decompose_reduction(gemm, reduction[0])
     if not sampled:
         # The write-back's loops exist only for tiles wider than one: with sampled tiles their

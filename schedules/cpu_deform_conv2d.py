@@ -6,8 +6,11 @@
 - Forward im2col (channels-last): the input is transposed to channels-last, then each
   (lanes x lanes) tile of (channels at one tap) x pixels is computed with vector loads along the
   channels (the four corners of a sample are contiguous there) into registers and stored
-  transposed, pixels contiguous, as the GEMM reads them (8 x 8 float32 tiles by the shuffles of
-  ``cpu_transpose``), in stripes of one pixel vector.
+  transposed, pixels contiguous, as the GEMM reads them (float32: 8 x 8 blocks by the shuffles of
+  ``cpu_transpose``; AVX-512's 16 x 16 tiles take four), in stripes of one pixel vector.
+- Vector widths and register tiles follow the target (``tvm_dcn.cpu_isa.vector_unit``): 16
+  float32 lanes and 32 registers with AVX-512 (whose forward workloads pad the pixels to whole
+  16-lane vectors: ``pixel_align``), 8 and 16 with AVX2, 4 and 32 on AArch64.
 - Backward im2col (channel-major rows): parallel over (batch, channel*tap) rows, vectorised
   along pixels (the four corner reads are gathers; their indices and weights are contiguous).
 - GEMMs (forward output, column gradient, weight gradient): register-blocked micro-kernels
@@ -26,22 +29,26 @@ from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, parallel
 from .registry import register
 
 
-def _geometry(workload, target):
-    from tvm_dcn.ops.deform_conv import SPATIAL_ALIGN, ConvGeometry
+def geometry(workload, target):
+    """(ConvGeometry, lanes): the workload's shapes and the vector width of its pixel axis on
+    ``target``: the target's lanes, at most the workload's pixel alignment (P' holds whole
+    vectors: 16 float32 lanes on AVX-512 where ``ops.for_target`` gave the workload
+    ``pixel_align=16``, else at most 8)."""
+    from tvm_dcn.ops.deform_conv import ConvGeometry
 
     geo = ConvGeometry(workload)
-    return geo, min(vector_lanes(geo.dtype, target), SPATIAL_ALIGN)
+    return geo, min(vector_lanes(geo.dtype, target), geo.pixel_align)
 
 
-def _sampling(sch: Schedule, lanes: int, *, weights: bool = True) -> None:
+def _sampling(sch: Schedule, lanes: int, *, weights: bool = True, sampled: bool = False) -> None:
     blocks = ("sample_coord", "corner_index") + (("corner_weight",) if weights else ())
     for block in blocks:
-        parallel_vectorize(sch, block, parallel_axes=3, lanes=lanes)
+        parallel_vectorize(sch, block, parallel_axes=3, lanes=lanes, sampled=sampled)
 
 
-def _columns(sch: Schedule, lanes: int) -> None:
-    _sampling(sch, lanes)
-    parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes)
+def _columns(sch: Schedule, lanes: int, sampled: bool = False) -> None:
+    _sampling(sch, lanes, sampled=sampled)
+    parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes, sampled=sampled)
 
 
 def column_stripes(lanes: int):
@@ -51,15 +58,29 @@ def column_stripes(lanes: int):
     return lambda n, c, k, p: (n, p // lanes, c, k, p % lanes)
 
 
+def column_tile(geo, lanes: int) -> int:
+    """Channels of one tile of the channels-last columns (a tile: these channels x ``lanes``
+    pixels of one tap): ``lanes`` where they divide the channels of an offset group, else 8
+    (float32, where 8 divides both), else ``lanes``."""
+    group = geo.channels_per_offset_group
+    if group % lanes and geo.dtype == "float32" and lanes % cpu_transpose.TILE == 0 and group % cpu_transpose.TILE == 0:
+        return cpu_transpose.TILE
+    return lanes
+
+
 def has_column_stripes(geo, lanes: int) -> bool:
-    return geo.channels_per_offset_group % lanes == 0
+    return geo.channels_per_offset_group % column_tile(geo, lanes) == 0
 
 
-def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
+def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False) -> None:
     """input_channels_last and the (N, C, K, P') deform_col (``ops.deform_conv.channel_major_columns``):
-    each (lanes channels x lanes pixels) tile of one tap is computed with vector loads along the
-    channels into registers and stored transposed (pixels contiguous, as the GEMM reads them)."""
-    _sampling(sch, lanes)
+    each (tile channels x tile pixels) tile of one tap is computed with vector loads along the
+    channels into registers and stored transposed (pixels contiguous, as the GEMM reads them).
+
+    ``sampled``: the sampling stages as in ``parallel_vectorize``; the stripes of a parallel task
+    and the loop order of taps and channel tiles (the channel tiles' loop split in two, one on
+    either side of the taps' loop) are decisions."""
+    _sampling(sch, lanes, sampled=sampled)
     transpose = sch.get_sblock("input_channels_last")
     n, i, c = sch.get_loops(transpose)
     sch.parallel(sch.fuse(n, i))
@@ -68,56 +89,73 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int) -> None:
     block = sch.get_sblock("deform_col")
     n, c, k, p = sch.get_loops(block)
     if not has_column_stripes(geo, lanes):
-        # A tile of lanes channels would straddle two offset groups (other corners): per row.
+        # A tile of channels would straddle two offset groups (other corners): per row.
         sch.parallel(sch.fuse(n, c, k))
         sch.vectorize(sch.split(p, [None, lanes])[1])
         return
-    c_outer, c_inner = sch.split(c, [None, lanes])
+    tile = column_tile(geo, lanes)
+    c_outer, c_inner = sch.split(c, [None, tile])
     p_outer, p_inner = sch.split(p, [None, lanes])
-    # Taps outside channel tiles: the corner indices and weights of a tap's pixels are read for
-    # every channel tile in a row (measured: sampling 5-20% faster than channel tiles outside).
-    sch.reorder(n, p_outer, k, c_outer, p_inner, c_inner)
-    sch.parallel(sch.fuse(n, p_outer))
-    tile = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(tile, c_outer)
+    if sampled:
+        p_tasks, p_serial = sch.split(p_outer, sch.sample_perfect_tile(p_outer, n=2))
+        c_before, c_after = sch.split(c_outer, sch.sample_perfect_tile(c_outer, n=2))
+        sch.reorder(n, p_tasks, p_serial, c_before, k, c_after, p_inner, c_inner)
+        sch.parallel(sch.fuse(n, p_tasks))
+        c_outer = c_after
+    else:
+        # Taps outside channel tiles: the corner indices and weights of a tap's pixels are read
+        # for every channel tile in a row (measured: sampling 5-20% faster than channel tiles
+        # outside).
+        sch.reorder(n, p_outer, k, c_outer, p_inner, c_inner)
+        sch.parallel(sch.fuse(n, p_outer))
+    tile_block = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(tile_block, c_outer)
     # Columns stored in stripes of one pixel vector, (N, P'/lanes, C, K, lanes): the GEMM then
     # streams each stripe contiguously, where (N, C, K, P') puts every step of its reduction in
     # another cache line, half of it used. Measured here (GEMMs alone, interleaved): 9% faster at
     # 512 channels x 56 pixels, 7-8% at 128 x 784, equal at 256 x 208.
-    sch.transform_layout(tile, ("write", 0), column_stripes(lanes))
+    sch.transform_layout(tile_block, ("write", 0), column_stripes(lanes))
     sch.unroll(p_inner)
     sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
-    tile_rows, tile_pixels = sch.get_loops(tile)[-2:]
-    if lanes == 8 and geo.dtype == "float32":
-        # The tile pixel-major (each vector over channels a row), stored transposed by shuffles:
+    tile_rows, tile_pixels = sch.get_loops(tile_block)[-2:]
+    if geo.dtype == "float32" and tile % cpu_transpose.TILE == 0 and lanes % cpu_transpose.TILE == 0:
+        # The tile pixel-major (each vector over channels a row), stored transposed by shuffles,
+        # 8 x 8 at a time (a 16 x 16 tile of AVX-512: four, on the 256-bit halves of its rows):
         # left to itself, LLVM moves the tile through the stack element by element.
         sch.transform_layout(block, ("write", 0), lambda n, c, k, p: (n, k, p, c))
+        if tile > cpu_transpose.TILE or lanes > cpu_transpose.TILE:
+            row_blocks, tile_rows = sch.split(tile_rows, [None, cpu_transpose.TILE])
+            pixel_blocks, tile_pixels = sch.split(tile_pixels, [None, cpu_transpose.TILE])
+            sch.reorder(row_blocks, pixel_blocks, tile_rows)
         sch.tensorize(tile_rows, cpu_transpose.register())
         return
     sch.unroll(tile_rows)
     sch.vectorize(tile_pixels)  # stored along pixels: LLVM's own transposition
 
 
-def forward_columns(sch: Schedule, workload, geo, lanes: int) -> None:
+def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False) -> None:
     """The forward's sampling and im2col stages, in the workload's column formulation."""
     from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, columns_formulation
 
     if columns_formulation(workload) == COLUMNS_GATHER:
-        _columns(sch, lanes)
+        _columns(sch, lanes, sampled=sampled)
     else:
-        _channels_last_columns(sch, geo, lanes)
+        _channels_last_columns(sch, geo, lanes, sampled=sampled)
 
 
 @register("llvm", "deform_conv2d")
 def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
 
-    ``sampled`` (all schedules here): GEMM tile sizes are MetaSchedule decisions: the schedule is
-    then a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it."""
-    geo, lanes = _geometry(workload, target)
+    ``sampled`` (all schedules here): tile sizes are MetaSchedule decisions: the schedule is then
+    a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it. In the
+    forward every stage's: the sampling stages' vector width and parallel split, the columns'
+    stripes per task and tap / channel-tile order, the GEMM's register tile, vector width, task
+    shape and loop order (``blocked_gemm``)."""
+    geo, lanes = geometry(workload, target)
     # Output (and bias) from the GEMM's registers where no tile reaches into the pixel padding.
     epilogue = "output" if geo.padded_pixels == geo.pixels else None
-    forward_columns(sch, workload, geo, lanes)
+    forward_columns(sch, workload, geo, lanes, sampled=sampled)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
                  registers=vector_registers(target), epilogue=epilogue)
@@ -129,7 +167,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
 def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
     sums that give the offset and mask gradients."""
-    geo, lanes = _geometry(workload, target)
+    geo, lanes = geometry(workload, target)
     _sampling(sch, lanes, weights=workload["need_input"])
     parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
     blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
@@ -157,7 +195,7 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = Fals
 def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool = False) -> None:
     """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
     grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""
-    geo, lanes = _geometry(workload, target)
+    geo, lanes = geometry(workload, target)
     if workload["need_weight"]:
         _columns(sch, lanes)
         parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)

@@ -9,6 +9,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 TRANSPOSE_8X8_F32 = "tvm_dcn_transpose_8x8_f32"
+# Rows and columns of the tile.
+TILE = 8
 
 
 @T.prim_func(s_tir=True)

@@ -202,7 +202,7 @@ def compile(workload: Workload, target: TargetLike = None, *, schedule: Optional
     recording.note(workload)
     schedule = schedule or _preferred_schedule.source
     target = as_target(target)
-    workload = ops.for_target(workload, target.kind.name)  # GPU: the atomic scatter formulation
+    workload = ops.for_target(workload, target)  # the target's formulation (GPU: atomic scatter)
     key = (workload, _target_key(target), schedule)
     kernel = _memory_cache.get(key)
     if kernel is not None:
@@ -284,7 +284,7 @@ def scheduled_module(workload: Workload, target: TargetLike = None, *,
     """(schedule source, scheduled IRModule) of ``workload`` for ``target``, before compilation:
     what :func:`compile` builds (with the target's scatter formulation), for inspection and tests."""
     target = as_target(target)
-    workload = ops.for_target(workload, target.kind.name)
+    workload = ops.for_target(workload, target)
     source, _, apply = _plan_schedule(workload, target, primfunc(workload), schedule)
     return source, apply()
 

@@ -171,7 +171,7 @@ def init_work_dir(work_dir: os.PathLike, workloads: Sequence[Workload], target: 
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     target = _tunable_target(as_target(target))
-    pairs = unique_with_counts(ops.for_target(wl, target.kind.name) for wl in workloads)
+    pairs = unique_with_counts(ops.for_target(wl, target) for wl in workloads)
     if not pairs:
         raise ValueError("workloads: nothing to tune")
     work_dir = Path(work_dir)

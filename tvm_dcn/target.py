@@ -33,10 +33,10 @@ from typing import Any, Optional, Union
 
 import tvm
 
+from .cpu_isa import X86_ISA_ORDER, CpuVectorUnit, vector_unit
+
 TargetLike = Union[None, str, dict, "tvm.target.Target"]
 
-_X86_ISA_ORDER = (("avx512", ("avx512f", "avx512bw", "avx512vl")), ("avx2", ("avx2", "fma")),
-                  ("avx", ("avx",)), ("sse4", ("sse4.2",)))
 
 
 def available_cores() -> int:
@@ -58,7 +58,7 @@ def host_isa() -> str:
     arch = platform.machine().lower()
     features = _host_cpu_features()
     if arch in ("x86_64", "amd64"):
-        for isa, required in _X86_ISA_ORDER:
+        for isa, required in X86_ISA_ORDER:
             if all(f in features for f in required):
                 return isa
         return "generic"
@@ -200,6 +200,12 @@ def cuda_target(device_index: int = 0) -> tvm.target.Target:
     return tvm.target.Target(config)
 
 
+def cpu_vector_unit(target: TargetLike) -> CpuVectorUnit:
+    """The SIMD unit of an LLVM ``target`` (None, a JSON dict or a Target): see
+    :func:`tvm_dcn.cpu_isa.vector_unit`."""
+    return vector_unit(as_target(target))
+
+
 def _isa_of_mcpu(mcpu: str) -> str:
     """ISA class of an explicitly named CPU (used when the target is not this host)."""
     if not mcpu:
@@ -207,7 +213,7 @@ def _isa_of_mcpu(mcpu: str) -> str:
     try:
         has = tvm.get_global_func("target.llvm_cpu_has_feature")
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-        for isa, required in _X86_ISA_ORDER:
+        for isa, required in X86_ISA_ORDER:
             if all(bool(has(f, target)) for f in required):
                 return isa
     except Exception:  # non-x86 mcpu names or an LLVM without that query

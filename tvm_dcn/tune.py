@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import tvm
 
-from . import schedule_checks
+from . import ops, schedule_checks
 from ._meta_schedule import (import_tensor_intrinsics, import_tensor_intrinsics_for, intrinsics_key, mean_seconds,
                              meta_schedule, records_of)
 from .ops import ir_module
@@ -321,10 +321,10 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     ms = meta_schedule()
     if trials_per_task < 1:
         raise ValueError(f"trials_per_task must be positive, got {trials_per_task}")
-    pairs = unique_with_counts(workloads)
+    target = as_target(target)
+    pairs = unique_with_counts(ops.for_target(wl, target) for wl in workloads)  # the target's formulation
     if not pairs:
         raise ValueError("workloads: nothing to tune")
-    target = as_target(target)
     tag = target_tag(target)
     work_dir = Path(work_dir) if work_dir is not None else Path("tvm-dcn-tuning") / tag
     work_dir.mkdir(parents=True, exist_ok=True)

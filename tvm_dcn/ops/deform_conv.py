@@ -23,7 +23,8 @@ The computation is split into stages so it schedules like a GEMM:
 5. output             (N, Cout, P)       drops the padding, adds the bias.
 
 K = KH*KW, P = OH*OW output pixels, P' = P rounded up to a multiple of ``SPATIAL_ALIGN`` so the
-pixel axis vectorises without tails (of twice that where cheap: ``padded_pixels``). Coordinates
+pixel axis vectorises without tails (of twice that where cheap: ``padded_pixels``), or of the
+workload's ``pixel_align`` (the forward on CPUs with wider vectors: ``cpu_params``). Coordinates
 and weights are computed once per (tap, pixel) and reused by every channel of the offset group.
 
 The forward columns come in two formulations (workload parameter ``columns``):
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from ..cpu_isa import vector_unit
 from . import gpu_scatter
 from .registry import OperatorDef, atomic_scatter, register
 from .workload import Workload
@@ -104,14 +106,29 @@ def backward_weight_workload(forward: Workload, *, need_weight: bool, need_bias:
     return Workload.make(BACKWARD_WEIGHT, forward.dtype, need_weight=bool(need_weight), **params)
 
 
-def padded_pixels(pixels: int) -> int:
-    """P': ``pixels`` rounded up to a multiple of ``SPATIAL_ALIGN``, or of twice that where this
-    adds at most a tenth: an even number of 8-lane vectors lets the CPU GEMM use its 4 x 2
-    register tile (measured here: 256 x 2304 x 208 in 1.35 ms, 256 x 2304 x 200 with the 8 x 1
-    tile in 1.46 ms), e.g. 196 pixels (14 x 14) -> 208, not 200; 49 (7 x 7) stays 56, not 64."""
-    padded = -(-pixels // SPATIAL_ALIGN) * SPATIAL_ALIGN
+def padded_pixels(pixels: int, align: int = SPATIAL_ALIGN) -> int:
+    """P': ``pixels`` rounded up to a multiple of ``align`` (the workload's ``pixel_align``).
+
+    With the default (8-lane vectors, AVX2's 16 registers), rounded to twice that where this adds
+    at most a tenth: an even number of 8-lane vectors lets the CPU GEMM use its 4 x 2 register
+    tile (measured here: 256 x 2304 x 208 in 1.35 ms, 256 x 2304 x 200 with the 8 x 1 tile in
+    1.46 ms), e.g. 196 pixels (14 x 14) -> 208, not 200; 49 (7 x 7) stays 56, not 64. A wider
+    ``align`` (16: AVX-512's float32 vectors, 32 registers) rounds to one vector: its register
+    tiles take any number of vectors."""
+    padded = -(-pixels // align) * align
+    if align != SPATIAL_ALIGN:
+        return padded
     paired = -(-pixels // (2 * SPATIAL_ALIGN)) * 2 * SPATIAL_ALIGN
     return paired if 10 * paired <= 11 * pixels else padded
+
+
+def cpu_params(wl: Workload, target) -> dict:
+    """Parameters of the forward's CPU formulation for ``target``: ``pixel_align``, the float
+    lanes of one vector register where these are more than ``SPATIAL_ALIGN`` (AVX-512: 16
+    float32), so that P' holds whole vectors; absent (``SPATIAL_ALIGN``) elsewhere, which keeps
+    AVX2's PrimFuncs, and the tuning records matched by their structural hash, as they are."""
+    lanes = vector_unit(target).lanes(wl.dtype)
+    return {"pixel_align": lanes} if lanes > SPATIAL_ALIGN else {}
 
 
 class ConvGeometry:
@@ -135,7 +152,11 @@ class ConvGeometry:
         self.out_w = output_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
         self.taps = self.kernel_h * self.kernel_w
         self.pixels = self.out_h * self.out_w
-        self.padded_pixels = padded_pixels(self.pixels)
+        self.pixel_align = wl.get("pixel_align", SPATIAL_ALIGN)
+        if not isinstance(self.pixel_align, int) or self.pixel_align < SPATIAL_ALIGN or self.pixel_align % SPATIAL_ALIGN:
+            raise ValueError(f"workload {wl.op}: pixel_align must be a multiple of {SPATIAL_ALIGN}, "
+                             f"got {self.pixel_align!r}")
+        self.padded_pixels = padded_pixels(self.pixels, self.pixel_align)
         self.group_in_channels = self.in_channels // self.groups
         self.group_out_channels = self.out_channels // self.groups
         self.channels_per_offset_group = self.in_channels // self.offset_groups
@@ -315,7 +336,7 @@ def forward_gemm(geo: ConvGeometry, weight: te.Tensor, columns: te.Tensor) -> te
         name="gemm")
 
 
-@register(FORWARD, gpu_params={"columns": COLUMNS_GATHER})
+@register(FORWARD, gpu_params={"columns": COLUMNS_GATHER}, cpu_params=cpu_params)
 def build_forward(wl: Workload) -> OperatorDef:
     """Kernel arguments: input, offset, [mask], weight, [bias] -> output (N, Cout, P)."""
     geo = ConvGeometry(wl)

@@ -30,20 +30,27 @@ _BUILDERS: dict[str, Callable[[Workload], OperatorDef]] = {}
 _SCATTERS: dict[str, Callable[[Workload], bool]] = {}
 # op -> workload parameters of its GPU formulation (beyond the atomic scatter)
 _GPU_PARAMS: dict[str, dict] = {}
+# op -> (workload, CPU target) -> workload parameters of its formulation for that CPU
+_CPU_PARAMS: dict[str, Callable[[Workload, object], dict]] = {}
 
 SCATTER_ATOMIC = "atomic"
 
 
-def register(op: str, scatter: Optional[Callable[[Workload], bool]] = None, gpu_params: Optional[dict] = None):
+def register(op: str, scatter: Optional[Callable[[Workload], bool]] = None, gpu_params: Optional[dict] = None,
+             cpu_params: Optional[Callable[[Workload, object], dict]] = None):
     """Register the builder of ``op``; ``scatter(workload)``: whether the workload has a scatter
     stage (and so a GPU formulation, see the module docstring); ``gpu_params``: parameters that
-    GPU workloads of ``op`` get (another formulation of an intermediate)."""
+    GPU workloads of ``op`` get (another formulation of an intermediate); ``cpu_params(workload,
+    target)``: parameters that its workloads get for an LLVM target (e.g. a padding that follows
+    the target's vector width)."""
     def wrap(fn: Callable[[Workload], OperatorDef]):
         _BUILDERS[op] = fn
         if scatter is not None:
             _SCATTERS[op] = scatter
         if gpu_params:
             _GPU_PARAMS[op] = dict(gpu_params)
+        if cpu_params is not None:
+            _CPU_PARAMS[op] = cpu_params
         return fn
 
     return wrap
@@ -60,23 +67,30 @@ def atomic_scatter(workload: Workload) -> bool:
     return True
 
 
-def for_target(workload: Workload, target_kind: str) -> Workload:
-    """``workload`` with the formulation of ``target_kind``: the CPU's (``"llvm"``) unchanged; for
-    GPU kinds the atomic scatter (``scatter``, operators with a scatter stage) and the operator's
-    registered ``gpu_params``. A workload that has them already is returned unchanged."""
+def for_target(workload: Workload, target) -> Workload:
+    """``workload`` with the formulation of ``target`` (a TVM target, or only its kind name):
+    for an LLVM target, the operator's registered ``cpu_params`` for it (none given the kind name
+    ``"llvm"`` alone); for GPU kinds the atomic scatter (``scatter``, operators with a scatter
+    stage) and the operator's registered ``gpu_params``. Parameters the workload has already are
+    kept: a workload that has them all is returned unchanged."""
+    kind = target if isinstance(target, str) else target.kind.name
     atomic = atomic_scatter(workload)
-    if target_kind == "llvm":
+    if kind == "llvm":
         if atomic:
             raise ValueError(f"workload {workload.op} has scatter={SCATTER_ATOMIC!r} (GPU atomics); "
                              "the CPU target needs the workload without it")
-        return workload
-    extra = {name: value for name, value in _GPU_PARAMS.get(workload.op, {}).items() if workload.get(name) is None}
-    if not atomic and _SCATTERS.get(workload.op, lambda wl: False)(workload):
-        extra["scatter"] = SCATTER_ATOMIC
+        if isinstance(target, str) or workload.op not in _CPU_PARAMS:
+            return workload
+        extra = {name: value for name, value in _CPU_PARAMS[workload.op](workload, target).items()
+                 if workload.get(name) is None}
+    else:
+        extra = {name: value for name, value in _GPU_PARAMS.get(workload.op, {}).items()
+                 if workload.get(name) is None}
+        if not atomic and _SCATTERS.get(workload.op, lambda wl: False)(workload):
+            extra["scatter"] = SCATTER_ATOMIC
     if not extra:
         return workload
     return Workload.make(workload.op, workload.dtype, **dict(workload.params), **extra)
-
 
 
 def build(workload: Workload) -> OperatorDef:

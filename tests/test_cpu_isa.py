@@ -1,0 +1,168 @@
+"""CPU schedules that read the target's SIMD unit: vector width and registers per ISA (AVX-512,
+AVX2, NEON, SVE), the forward's pixel padding that follows the vector width, kernels built for
+targets this machine cannot run (AArch64: the generated assembly is checked), and the tuning
+template's sampled decisions (every sample builds and computes the forward)."""
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import tvm
+
+import tvm_dcn
+from tvm_dcn import kernel, ops
+from tvm_dcn.ops.deform_conv import ConvGeometry, forward_workload, padded_pixels
+from tvm_dcn.schedules import cpu_common, find_template
+from tvm_dcn.target import cpu_vector_unit
+
+AVX512 = {"kind": "llvm", "mcpu": "znver5", "num-cores": 2}
+AVX2 = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 2}
+SVE = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+sve"], "num-cores": 2}
+
+
+def _layer(channels=16, size=9, dtype="float32"):
+    return forward_workload(batch=1, in_channels=channels, height=size, width=size, out_channels=32,
+                            kernel_size=(3, 3), padding=(1, 1), with_mask=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("target, isa, float_lanes, double_lanes, registers", [
+    (AVX512, "avx512", 16, 8, 32),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mattr": ["+avx512f"]}, "avx512", 16, 8, 32),
+    (AVX2, "avx2", 8, 4, 16),
+    (NEON, "neon", 4, 2, 32),
+    (SVE, "sve", 4, 2, 32),  # SVE treated as 128-bit NEON (its minimum width)
+])
+def test_vector_unit_of_target(target, isa, float_lanes, double_lanes, registers):
+    unit = cpu_vector_unit(target)
+    assert (unit.isa, unit.lanes("float32"), unit.lanes("float64"), unit.registers) == (
+        isa, float_lanes, double_lanes, registers)
+    assert cpu_common.vector_lanes("float32", tvm.target.Target(target)) == float_lanes
+    assert cpu_common.vector_registers(tvm.target.Target(target)) == registers
+
+
+def test_vector_unit_rejects_gpu_targets():
+    with pytest.raises(ValueError, match="not a CPU"):
+        cpu_vector_unit({"kind": "cuda", "arch": "sm_80"})
+
+
+def test_pixel_padding_follows_the_vector_width():
+    wl = _layer(size=7)  # 49 pixels
+    wide = ops.for_target(wl, tvm.target.Target(AVX512))
+    assert wide["pixel_align"] == 16 and ConvGeometry(wide).padded_pixels == 64
+    # AVX2, NEON, float64 on AVX-512, and the kind name alone: the workload (and its PrimFunc) as it was.
+    assert ops.for_target(wl, tvm.target.Target(AVX2)) is wl
+    assert ops.for_target(wl, tvm.target.Target(NEON)) is wl
+    assert ops.for_target(_layer(size=7, dtype="float64"), tvm.target.Target(AVX512)) == _layer(size=7, dtype="float64")
+    assert ops.for_target(wl, "llvm") is wl
+    assert ConvGeometry(wl).padded_pixels == 56
+    assert ops.for_target(wide, tvm.target.Target(AVX512)) is wide  # already has it
+    # Backward workloads keep their padding (their schedules and records are unchanged).
+    grad = tvm_dcn.ops.deform_conv.backward_data_workload(wl, need_input=True, need_sampling=True)
+    assert ops.for_target(grad, tvm.target.Target(AVX512)) is grad
+    for pixels in range(1, 300):
+        padded = padded_pixels(pixels, 16)
+        assert padded % 16 == 0 and 0 <= padded - pixels < 16
+
+
+def test_pixel_align_is_validated():
+    bad = tvm_dcn.Workload.make("deform_conv2d", "float32", **{**dict(_layer().params), "pixel_align": 12})
+    with pytest.raises(ValueError, match="pixel_align"):
+        ConvGeometry(bad)
+
+
+@pytest.mark.parametrize("registers, pixel_vectors, tile", [
+    (16, 98, (4, 2)), (16, 7, (8, 1)),  # AVX2: 4 x 2 where the vectors pair up, else 8 x 1
+    (32, 49, (16, 1)), (32, 13, (16, 1)), (32, 4, (8, 2)),  # AVX-512, AArch64
+])
+def test_register_tile_per_register_count(registers, pixel_vectors, tile):
+    assert cpu_common.register_tile(128, pixel_vectors, registers) == tile
+    rows, vectors = cpu_common.register_tile(12, pixel_vectors, registers)
+    assert 12 % rows == 0 and pixel_vectors % vectors == 0 and rows * vectors <= registers // 2
+
+
+def _fma_forms(asm: str) -> Counter:
+    return Counter(re.sub(r"[0-9]+", "N", line.strip().split("//")[0].strip())
+                   for line in asm.splitlines() if "fmla" in line or "vfmadd" in line)
+
+
+@pytest.mark.parametrize("target, register_form", [
+    (NEON, "fmla\tvN.Ns, vN.Ns, vN.s[N]"),   # by-element FMAs on 4 x float32
+    (SVE, "fmla\tvN.Ns, vN.Ns, vN.s[N]"),
+])
+def test_aarch64_forward_builds_with_128_bit_vectors(target, register_form):
+    """Built for AArch64 (not run: no ARM machine here): 4-lane float32 vectors, and the GEMM's
+    FMAs take the weight as a vector element."""
+    source, mod = kernel.scheduled_module(_layer(), target, schedule="hand")
+    assert source == "hand"
+    asm = tvm.compile(mod, target=target).mod.inspect_source("s")
+    forms = _fma_forms(asm)
+    assert forms[register_form] > 0
+    assert not any("zmm" in form or "ymm" in form for form in forms)
+    assert re.search(r"\bv\d+\.4s\b", asm)
+
+
+def test_avx512_gemm_uses_16_lanes_and_embedded_broadcasts():
+    # 36 pixels: 3 vectors of 16, the 16 x 1 tile, each row's weight a broadcast memory operand.
+    source, mod = kernel.scheduled_module(_layer(size=6), AVX512, schedule="hand")
+    forms = _fma_forms(tvm.compile(mod, target=AVX512).mod.inspect_source("s"))
+    assert any("{NtoN}, %zmmN, %zmmN" in form for form in forms)
+    # 81 pixels: 6 vectors, the 8 x 2 tile: 16-lane FMAs too.
+    source, mod = kernel.scheduled_module(_layer(size=9), AVX512, schedule="hand")
+    forms = _fma_forms(tvm.compile(mod, target=AVX512).mod.inspect_source("s"))
+    assert sum(count for form, count in forms.items() if form.endswith("%zmmN, %zmmN")) >= 16
+    source, mod = kernel.scheduled_module(_layer(), AVX2, schedule="hand")
+    forms = _fma_forms(tvm.compile(mod, target=AVX2).mod.inspect_source("s"))
+    assert forms and not any("zmm" in form for form in forms)
+
+
+def _run(lib, wl, generator):
+    geo = ConvGeometry(wl)
+    x = torch.randn(1, geo.in_channels, geo.height, geo.width, generator=generator)
+    offset = torch.randn(1, 18, geo.out_h, geo.out_w, generator=generator) * 2
+    mask = torch.rand(1, 9, geo.out_h, geo.out_w, generator=generator)
+    weight = torch.randn(geo.out_channels, geo.in_channels, 3, 3, generator=generator)
+    out = torch.zeros(1, geo.out_channels, geo.pixels)
+    lib["main"](x.reshape(1, geo.in_channels, -1), offset.reshape(1, 18, -1), mask.reshape(1, 9, -1),
+                weight.reshape(geo.out_channels, -1), out)
+    expected = torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    torch.testing.assert_close(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels, size", [(16, 9), (32, 7)])
+def test_tuning_template_samples_build_and_compute_the_forward(channels, size):
+    """The hand schedule as a design space (``sampled=True``): schedules drawn from it with other
+    random decisions (tiles, vector widths, parallel splits, loop orders) build for this CPU and
+    give torchvision's forward."""
+    target = tvm_dcn.target.as_target(None)
+    wl = ops.for_target(_layer(channels, size), target)
+    template = find_template("deform_conv2d", "llvm")
+    generator = torch.Generator().manual_seed(0)
+    traces = set()
+    for seed in range(1, 5):
+        sch = tvm.s_tir.Schedule(kernel.ir_module(wl), seed=seed)
+        template(sch, wl, target)
+        traces.add(str(sch.trace))
+        _run(tvm.compile(sch.mod, target=target), wl, generator)
+    assert len(traces) > 1  # the decisions differ from seed to seed
+
+
+def test_template_decisions_are_replayed_not_frozen():
+    """A sampled trace replayed with another decision gives another schedule (a loop order or a
+    vector width chosen in Python would be frozen into the trace)."""
+    target = tvm_dcn.target.as_target(None)
+    wl = ops.for_target(_layer(16, 9), target)
+    sch = tvm.s_tir.Schedule(kernel.ir_module(wl), seed=1)
+    find_template("deform_conv2d", "llvm")(sch, wl, target)
+    categorical = [inst for inst in sch.trace.insts if inst.kind.name == "SampleCategorical"]
+    assert categorical
+    inst = categorical[-1]
+    candidates = [int(c) for c in inst.attrs[0]]
+    decision = int(sch.trace.decisions[inst])
+    other = next(i for i in range(len(candidates)) if i != decision)
+    replayed = tvm.s_tir.Schedule(kernel.ir_module(wl))
+    sch.trace.with_decision(inst, other, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=False)
+    assert replayed.mod.script() != sch.mod.script()
+    _run(tvm.compile(replayed.mod, target=target), wl, torch.Generator().manual_seed(1))
