@@ -188,7 +188,8 @@ def check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding,
     if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_h, out_w):
         raise ArgumentValueError(f"mask has shape {tuple(mask.shape)}; expected "
                                  f"({batch}, {offset_groups * taps}, {out_h}, {out_w})")
-    largest = max(input.numel(), batch * in_channels * taps * padded_pixels(out_h * out_w, 16),  # the widest padding (AVX-512)
+    # The columns' pixels are padded per target; 16 (AVX-512's float32 lanes) is the widest.
+    largest = max(input.numel(), batch * in_channels * taps * padded_pixels(out_h * out_w, 16),
                   offset.numel(), batch * out_channels * out_h * out_w)
     if largest > _INT32_MAX:
         raise ArgumentValueError(f"input of shape {tuple(input.shape)} is too large for one kernel call "
