@@ -142,7 +142,7 @@ def test_tuning_template_samples_build_and_compute_the_forward(channels, size):
     generator = torch.Generator().manual_seed(0)
     traces = set()
     for seed in range(1, 5):
-        sch = tvm.s_tir.Schedule(kernel.ir_module(wl), seed=seed)
+        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
         template(sch, wl, target)
         traces.add(str(sch.trace))
         _run(tvm.compile(sch.mod, target=target), wl, generator)
@@ -154,7 +154,7 @@ def test_template_decisions_are_replayed_not_frozen():
     vector width chosen in Python would be frozen into the trace)."""
     target = tvm_dcn.target.as_target(None)
     wl = ops.for_target(_layer(16, 9), target)
-    sch = tvm.s_tir.Schedule(kernel.ir_module(wl), seed=1)
+    sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=1)
     find_template("deform_conv2d", "llvm")(sch, wl, target)
     categorical = [inst for inst in sch.trace.insts if inst.kind.name == "SampleCategorical"]
     assert categorical
@@ -162,7 +162,7 @@ def test_template_decisions_are_replayed_not_frozen():
     candidates = [int(c) for c in inst.attrs[0]]
     decision = int(sch.trace.decisions[inst])
     other = next(i for i in range(len(candidates)) if i != decision)
-    replayed = tvm.s_tir.Schedule(kernel.ir_module(wl))
+    replayed = tvm.s_tir.Schedule(ops.ir_module(wl))
     sch.trace.with_decision(inst, other, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=False)
     assert replayed.mod.script() != sch.mod.script()
     _run(tvm.compile(replayed.mod, target=target), wl, torch.Generator().manual_seed(1))

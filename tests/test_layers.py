@@ -108,7 +108,7 @@ def find_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
 # The layers, lowest first; a module may import from its own layer and those below.
 # "package.*" stands for the package's submodules.
 LAYERS = (
-    ("ops", ("tvm_dcn.ops", "tvm_dcn.ops.*", "tvm_dcn._utils", "tvm_dcn.version")),
+    ("ops", ("tvm_dcn.ops", "tvm_dcn.ops.*", "tvm_dcn._utils", "tvm_dcn.version", "tvm_dcn.cpu_isa")),
     ("schedules", ("tvm_dcn.schedules", "tvm_dcn.schedules.*")),
     ("build and cache", ("tvm_dcn.kernel", "tvm_dcn.tuning_records", "tvm_dcn.target", "tvm_dcn.cuda",
                          "tvm_dcn.recording", "tvm_dcn.workloads", "tvm_dcn.schedule_checks", "tvm_dcn._meta_schedule")),
