@@ -300,3 +300,24 @@ def test_opcheck_half(conv_data, roi_data):
     x, boxes, _ = roi_data
     torch.library.opcheck(ops.roi_align_forward,
                           (x.half().requires_grad_(), boxes.float(), SCALE, *OUT, -1, True))
+
+
+def test_training_example_under_autocast():
+    """``examples/train_deformable.py --autocast bf16`` (reduced further than ``--quick``) runs,
+    and every network's training loss falls."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_deformable.py"
+    run = subprocess.run([sys.executable, str(path), "--quick", "--autocast", "bf16", "--epochs", "3", "--train", "512",
+                          "--test", "128"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "autocast bf16" in run.stdout.splitlines()[0], run.stdout
+    losses = {}
+    for match in re.finditer(r"^ +(\S.*?) +epoch +\d+ +train loss ([\d.]+)", run.stdout, re.M):
+        losses.setdefault(match[1], []).append(float(match[2]))
+    assert len(losses) == 3 and all(len(v) == 3 for v in losses.values()), run.stdout
+    for name, loss in losses.items():
+        assert loss[-1] < loss[0], (name, loss)
