@@ -266,7 +266,8 @@ def test_autocast_roi_functions_compute_in_float32(roi_data, deform_data):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tvm_dcn.deform_roi_pool(x, rois, offset16, OUT, SCALE, 2, mask=mask.bfloat16())
     assert out.dtype == torch.float32
-    assert torch.equal(out, tvm_dcn.deform_roi_pool(x, rois, offset16.float(), OUT, SCALE, 2, mask=mask.bfloat16().float()))
+    expected = tvm_dcn.deform_roi_pool(x, rois, offset16.float(), OUT, SCALE, 2, mask=mask.bfloat16().float())
+    assert torch.equal(out, expected)
     out.sum().backward()
     assert x.grad.dtype == torch.float32 and offset16.grad.dtype == torch.bfloat16
 

@@ -28,6 +28,14 @@ recorder; anything else goes through the operator). Right after other work every
 runs on cold caches here, so each one counts: measured side by side, each call right after the
 layer's offset convolution, the direct call took 0.23-0.30 ms less than validation plus the
 operator (ResNet-50 DCN layers, two runs).
+
+Half precision: bfloat16 and float16 tensors run the float32 kernels (there are no half-precision
+kernels): the operators convert them to float32 once, compute and accumulate in float32 and return
+results and gradients in the half dtype (``kernel_dtype``). ``torch.autocast``: the forward
+operators have AutocastCPU and AutocastCUDA kernels (:func:`implements_autocast`), deform_conv2d
+with ``conv2d``'s rule (floating-point arguments cast to the autocast dtype), the RoI family with
+torchvision's (float32 compute, results in the input's dtype); the functions apply the same rules
+before their validation, which requires one dtype.
 """
 from __future__ import annotations
 

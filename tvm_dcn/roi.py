@@ -29,6 +29,14 @@ degenerate boxes follow the operators' definitions; wrong box shapes raise ``Box
 batch indices outside [0, N) and non-finite boxes raise ``ArgumentValueError`` (``ValueError``
 and, as torchvision's errors, ``RuntimeError``) in the operators (the checks read the box values,
 so they run with the kernels).
+
+Dtypes: float32, float64, bfloat16 and float16 (the last two through the float32 kernels, results
+and gradients in the half dtype, ``functional``); ``offset`` and ``mask`` must have the input's
+dtype, boxes may have any real dtype (used in the kernels' dtype: float32 boxes stay exact for a
+half-precision input). Under ``torch.autocast`` the operators and functions follow torchvision's
+rule for its RoI operators: compute in float32, return the input's dtype. (Running them in the
+autocast dtype would gain nothing, as the kernels compute in float32 anyway, and a float32 feature
+map keeps its float32 result, as with torchvision.)
 """
 from __future__ import annotations
 
