@@ -6,7 +6,8 @@ same half-rounded inputs: the operators compute in float32 and round each result
 difference is within one unit in the last place of the half dtype (``conftest.RTOL``; rounding the
 inputs is half precision's own error, not the operators'). Then: results equal the float32
 kernels' rounded (what the bridge promises), the no-grad eager path, mixed dtypes, autocast on
-the CPU (a DCNv2 module, the RoI functions, the operators directly) and ``opcheck`` of half calls.
+the CPU (a DCNv2 module, the RoI functions, the operators directly, ``torch.compile``), ``opcheck``
+of half calls and the training example under autocast.
 
 Shapes are those of test_roi_ops.py / test_roi_deform.py, so the (float32) kernels are shared.
 """
@@ -322,3 +323,17 @@ def test_training_example_under_autocast():
     assert len(losses) == 3 and all(len(v) == 3 for v in losses.values()), run.stdout
     for name, loss in losses.items():
         assert loss[-1] < loss[0], (name, loss)
+
+
+def test_compiled_module_under_autocast_matches_eager():
+    """torch.compile(fullgraph=True) traces the autocast rule (the functions' and the operators')."""
+    torch.manual_seed(0)
+    module = tvm_dcn.ModulatedDeformConv2dPack(4, 6, 3, padding=1)
+    with torch.no_grad():
+        module.conv_offset.weight.normal_(0, 0.3)
+    x = torch.randn(2, 4, 6, 7)
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, out = module(x), compiled(x)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(out, eager)
