@@ -15,10 +15,16 @@ layer and widens the view). Data are generated in the script with fixed seeds; C
 
     python examples/train_deformable.py             # full run (about a minute on 2 cores)
     python examples/train_deformable.py --quick     # about 10 s, for the test suite
+    python examples/train_deformable.py --autocast bf16   # forward passes under bfloat16 autocast
+
+``--autocast bf16`` runs the forward passes (training and evaluation) under
+``torch.autocast("cpu", dtype=torch.bfloat16)``: the convolutions, the deformable one included,
+compute in bfloat16 and the parameters stay float32 (no loss scaling: bfloat16 has float32's range).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
@@ -28,6 +34,7 @@ from torch import nn
 import torch.nn.functional as F
 
 CLASSES = ("circle", "triangle", "square", "star", "cross")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
 def _polygon_radius(angle: torch.Tensor, sides: int) -> torch.Tensor:
@@ -111,12 +118,21 @@ def make_nets(args) -> dict[str, Net]:
     return {name: deform, "plain conv": plain, f"plain conv, {channels} channels": wide}
 
 
-def evaluate(net: Net, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, float]:
+def forward_context(args):
+    """The context of the forward passes: autocast if asked for (``--autocast``)."""
+    if args.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=AUTOCAST_DTYPES[args.autocast])
+
+
+def evaluate(net: Net, images: torch.Tensor, labels: torch.Tensor, args) -> tuple[float, float]:
     net.eval()
     loss, correct = 0.0, 0
+    batch = args.batch
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            logits = net(images[i:i + batch])
+            with forward_context(args):
+                logits = net(images[i:i + batch])
             loss += F.cross_entropy(logits, labels[i:i + batch], reduction="sum").item()
             correct += (logits.argmax(1) == labels[i:i + batch]).sum().item()
     return loss / len(images), correct / len(images)
@@ -140,7 +156,8 @@ def train(name: str, net: Net, data: dict, args) -> dict:
         order = torch.randperm(len(images))
         for i in range(0, len(images), args.batch):
             idx = order[i:i + args.batch]
-            loss = F.cross_entropy(net(images[idx]), labels[idx])
+            with forward_context(args):  # the backward outside it, as torch.autocast recommends
+                loss = F.cross_entropy(net(images[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -148,7 +165,7 @@ def train(name: str, net: Net, data: dict, args) -> dict:
             steps.append(loss.item())
         per_epoch = len(images) // args.batch
         train_loss = sum(steps[-per_epoch:]) / per_epoch
-        test_loss, test_acc = evaluate(net, *data["test"], args.batch)
+        test_loss, test_acc = evaluate(net, *data["test"], args)
         history.append(dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc))
         print(f"  {name:30s} epoch {epoch:2d}  train loss {train_loss:.3f}  test loss {test_loss:.3f}  "
             f"test acc {100 * test_acc:5.1f}%  ({time.perf_counter() - start:.1f} s)")
@@ -168,6 +185,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--offset-lr-mult", type=float, default=0.1)
     parser.add_argument("--modulated", action="store_true", help="ModulatedDeformConv2dPack (DCNv2)")
     parser.add_argument("--head", action="store_true", help="add a 3x3 conv after the layer (wider view)")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
+                        help="run the forward passes under torch.autocast('cpu') in this dtype")
     parser.add_argument("--quick", action="store_true", help="a reduced run for tests")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -188,7 +207,8 @@ def main(argv=None) -> dict:
     data = {"train": make_shapes(args.train, args.size, generator),
             "test": make_shapes(args.test, args.size, generator)}
     print(f"{len(CLASSES)} classes ({', '.join(CLASSES)}), {args.train} training / {args.test} test images "
-        f"of {args.size}x{args.size}, {args.epochs} epochs, batch {args.batch}, {torch.get_num_threads()} threads")
+        f"of {args.size}x{args.size}, {args.epochs} epochs, batch {args.batch}, {torch.get_num_threads()} threads"
+        + (f", autocast {args.autocast}" if args.autocast else ""))
     results = {}
     for name, net in make_nets(args).items():
         results[name] = train(name, net, data, args)

@@ -7,7 +7,7 @@
   used where torchvision cannot be called (NaN offsets segfault it) and as a second opinion.
 - ``torchvision_oracle``: torchvision.ops.deform_conv2d, computed in float64.
 - ``assert_matches``: tolerance policy (float32: rtol 1e-4 plus an atol scaled by the output
-  magnitude; float64: rtol 1e-10 likewise).
+  magnitude; float64: rtol 1e-10 likewise; bfloat16 / float16: one unit in the last place).
 """
 from __future__ import annotations
 
@@ -200,10 +200,14 @@ def reference_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=
 # --------------------------------------------------------------------------------------------
 # Tolerances
 
-RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+# Half precision (bfloat16, float16) runs the float32 kernels and rounds each result once: against
+# a float64 reference on the same (rounded) inputs its error is half a unit in the last place of
+# the half dtype plus float32's. rtol is one unit (2**-7 for bfloat16's 8-bit significand, 2**-10
+# for float16's 11-bit one), atol float32's.
+RTOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 # atol = ATOL_SCALE * max(1, max |expected|): the error of a sum of many products is relative to
 # the size of the terms, not of the (possibly cancelled) result.
-ATOL_SCALE = {torch.float32: 1e-5, torch.float64: 1e-12}
+ATOL_SCALE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None,

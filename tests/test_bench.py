@@ -144,7 +144,7 @@ def test_timed_calls_follow_the_offset_convolution_in_balanced_orders(monkeypatc
 
     events = []
 
-    def candidates(wl, mode, schedules, peers=()):
+    def candidates(wl, mode, schedules, peers=(), dtype="float32"):
         def make(name):
             def call():
                 events.append(name)
@@ -194,7 +194,7 @@ def test_layers_repeats_are_interleaved(monkeypatch):
 
     events = []
 
-    def candidates(wl, mode, schedules, peers=()):
+    def candidates(wl, mode, schedules, peers=(), dtype="float32"):
         def make(name):
             def call():
                 events.append((wl["in_channels"], name))
@@ -364,3 +364,39 @@ def test_geomeans_per_batch():
     table = bench.markdown_table(rows, "tiny")
     assert "| **geomean, batch 1** | | **4.00x** | **1.00x** |" in table
     assert "| **geomean, batch 8** | | **3.00x** | **1.00x** |" in table
+
+
+def test_half_precision_rows(workload_file, tmp_path, monkeypatch):
+    """``--dtype bfloat16``: tvm-dcn and dense conv2d get the layer's tensors in bfloat16,
+    torchvision keeps float32; the error is against torchvision's float32 forward; own files."""
+    seen = collections.defaultdict(set)
+    real_deform, real_conv2d = tvm_dcn.functional.deform_conv2d, bench.torch.nn.functional.conv2d
+    real_roi_align = tvm_dcn.roi.roi_align
+    torchvision = pytest.importorskip("torchvision")
+    real_tv = torchvision.ops.deform_conv2d
+
+    def spy(name, fn):
+        def call(x, *args, **kwargs):
+            seen[name].add(x.dtype)
+            return fn(x, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(tvm_dcn.functional, "deform_conv2d", spy("tvm-dcn", real_deform))
+    monkeypatch.setattr(tvm_dcn.roi, "roi_align", spy("tvm-dcn roi_align", real_roi_align))
+    monkeypatch.setattr(torchvision.ops, "deform_conv2d", spy("torchvision", real_tv))
+    monkeypatch.setattr(bench.torch.nn.functional, "conv2d", spy("conv2d", real_conv2d))
+    assert cli.main(["bench", "--workloads", str(workload_file), "--repeats", "1", "--no-default", "--dtype",
+                     "bfloat16", "--output-dir", str(tmp_path / "out")]) == 0
+    assert seen["tvm-dcn"] == seen["tvm-dcn roi_align"] == {bench.torch.bfloat16}
+    assert seen["torchvision"] == {bench.torch.float32}
+    assert bench.torch.bfloat16 in seen["conv2d"]  # dense conv2d and the offset convolution before each call
+    folder = tmp_path / "out" / tvm_dcn.target_tag(None)
+    data = json.loads((folder / "bench-bfloat16.json").read_text())
+    assert data["dtype"] == "bfloat16" and not (folder / "bench.json").exists()
+    for result in data["results"]:
+        assert {"tvm-dcn hand", "torchvision"} <= set(result["times_ms"])
+        err = result["max_abs_err"]["tvm-dcn hand"]
+        assert 0 < err < 0.1, (result["layer"], result["mode"], err)  # bfloat16 rounding, not float32's
+    assert "tvm-dcn and dense conv2d in bfloat16" in (folder / "bench-bfloat16.md").read_text()
+    with pytest.raises(ValueError, match="dtype"):
+        bench.run(str(workload_file), dtype="int8", output_dir=None)

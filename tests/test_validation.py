@@ -100,7 +100,7 @@ CASES = [
     ("weight_uint8", _with(weight=lambda a: a["weight"].to(torch.uint8)), "weight"),
     ("bias_int", _with(bias=lambda a: a["bias"].long()), "bias"),
     ("mask_bool", _with(mask=lambda a: a["mask"] > 0.5), "mask"),
-    ("input_float16", _with(input=lambda a: a["input"].half()), "input"),
+    ("input_float16_others_float32", _with(input=lambda a: a["input"].half()), "input"),
     ("input_complex", _with(input=lambda a: a["input"].to(torch.complex64)), "input"),
     # devices ('meta' is the only other device available everywhere)
     ("weight_meta", _with(weight=lambda a: a["weight"].to("meta")), "weight"),

@@ -40,6 +40,12 @@ of load on the host, which can last a few seconds, hits every layer alike.
 
 RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 
+Half precision (``dtype="bfloat16"`` / ``"float16"``, ``--dtype``): the tvm-dcn rows and dense
+conv2d take the layer's tensors in that dtype (tvm-dcn computes them with its float32 kernels,
+``functional``), torchvision and the peers keep them in float32 (torchvision has no bfloat16
+deformable convolution on the CPU, the peers no half-precision one), and the reported error is
+against that float32 forward. Results then go to ``bench-<dtype>.{json,md,png}``.
+
 Two modes per layer: ``forward`` (no autograd) and ``forward+backward`` (gradients of input,
 offset, mask and weight, as in training). ``batches`` (``--batch 1 8``) times every
 deformable-conv layer at each of those batch sizes (a row per layer and batch; RoI Align heads
@@ -72,6 +78,8 @@ SCHEDULES = ("default", "hand", "tuned")
 MODES = ("forward", "forward+backward")
 BASELINES = ("torchvision", "dense conv2d")
 PEERS = ("onnxruntime", "openvino")
+# The dtypes of the tvm-dcn and dense conv2d rows (the layers' workloads are float32).
+DTYPES = ("float32", "bfloat16", "float16")
 # Largest max abs difference from torchvision's forward accepted from a peer, per unit of the
 # output's largest magnitude: on resnet50-dcn-224 both peers (and tvm-dcn) are within 5e-6 of it
 # (float32 sums of up to 4608 products in another order); a wrong layout or sampling rule is off by O(1).
@@ -174,7 +182,8 @@ def _runner(leaves: dict, backward: bool):
                     t.grad = None
             out = fn()
             if grad_out is None:
-                grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+                # Drawn in float32 for every dtype (torch draws other values in half precision).
+                grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
             out.backward(grad_out)
             return leaves["input"].grad
         return call
@@ -187,10 +196,19 @@ def _schedule_of(name: str) -> Optional[str]:
     return name[len("tvm-dcn "):] if name.startswith("tvm-dcn ") else None
 
 
-def _conv_candidates(wl: Workload, mode: str, schedules, peers=()) -> tuple[dict[str, Callable[[], torch.Tensor]],
-                                                                          Callable]:
+def _in_dtype(leaves: dict, dtype: str, backward: bool) -> dict:
+    """Copies of the leaf tensors ``leaves`` in ``dtype`` (the same tensors for their own dtype)."""
+    if all(v is None or str(v.dtype) == f"torch.{dtype}" for v in leaves.values()):
+        return leaves
+    return {k: None if v is None else v.detach().to(getattr(torch, dtype)).requires_grad_(backward)
+            for k, v in leaves.items()}
+
+
+def _conv_candidates(wl: Workload, mode: str, schedules, peers=(),
+                     dtype: str = "float32") -> tuple[dict[str, Callable[[], torch.Tensor]], Callable]:
     """The timed candidates of a deform_conv2d layer, and the untimed call to run before each.
-    ``peers`` (names in :data:`PEERS` whose packages import) join in forward mode only."""
+    ``peers`` (names in :data:`PEERS` whose packages import) join in forward mode only. tvm-dcn
+    and dense conv2d run in ``dtype``, torchvision and the peers in the workload's dtype."""
     import torchvision  # noqa: PLC0415
 
     kw = _conv_kwargs(wl)
@@ -199,7 +217,11 @@ def _conv_candidates(wl: Workload, mode: str, schedules, peers=()) -> tuple[dict
               for k, v in _inputs(wl, torch.Generator().manual_seed(0)).items()}
     run = _runner(leaves, backward)
     x, off, w, b, m = (leaves[k] for k in ("input", "offset", "weight", "bias", "mask"))
-    out = {f"tvm-dcn {s}": run(lambda: _functional.deform_conv2d(x, off, w, b, mask=m, **kw)) for s in schedules}
+    own = _in_dtype(leaves, dtype, backward)
+    run_own = _runner(own, backward)
+    xd, offd, wd, bd, md = (own[k] for k in ("input", "offset", "weight", "bias", "mask"))
+    out = {f"tvm-dcn {s}": run_own(lambda: _functional.deform_conv2d(xd, offd, wd, bd, mask=md, **kw))
+           for s in schedules}
     if not backward:
         for name in peers:
             try:
@@ -210,11 +232,11 @@ def _conv_candidates(wl: Workload, mode: str, schedules, peers=()) -> tuple[dict
             out[name] = run(lambda peer=peer: peer(x, off, m))
     out["torchvision"] = run(lambda: torchvision.ops.deform_conv2d(x, off, w, b, mask=m, **kw))
     groups = wl["in_channels"] // ConvGeometry(wl).group_in_channels
-    out["dense conv2d"] = run(lambda: torch.nn.functional.conv2d(x, w, b, groups=groups, **kw))
+    out["dense conv2d"] = run_own(lambda: torch.nn.functional.conv2d(xd, wd, bd, groups=groups, **kw))
     # Every timed call follows the same untimed work, the layer's offset convolution on both
     # cores, as in a network: a core left idle (torchvision samples on one) costs the next kernel
     # ~0.3-0.7 ms here on this shared host (its vCPU descheduled, its caches reused meanwhile).
-    return out, _offset_conv(wl, x)
+    return out, _offset_conv(wl, xd)
 
 
 def _offset_conv(wl: Workload, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -414,20 +436,23 @@ def _peer_version(name: str) -> str:
         return getattr(importlib.import_module(name), "__version__", "?")
 
 
-def _roi_align_candidates(wl: Workload, mode: str, schedules, peers=()) -> tuple[dict[str, Callable[[], torch.Tensor]],
-                                                                              None]:
-    """The timed candidates of a RoI Align head (no untimed prelude; no peer runs RoI Align)."""
+def _roi_align_candidates(wl: Workload, mode: str, schedules, peers=(),
+                          dtype: str = "float32") -> tuple[dict[str, Callable[[], torch.Tensor]], None]:
+    """The timed candidates of a RoI Align head (no untimed prelude; no peer runs RoI Align);
+    tvm-dcn in ``dtype`` (its boxes too, as torchvision takes them), torchvision in the workload's."""
     import torchvision  # noqa: PLC0415
 
     from . import roi  # noqa: PLC0415
 
     x, boxes, scale = _roi_inputs(wl, torch.Generator().manual_seed(0))
     backward = mode == "forward+backward"
-    leaves = {"input": x.requires_grad_(backward)}
-    run = _runner(leaves, backward)
-    args = (x, boxes, wl["output_size"], scale, wl["sampling_ratio"], wl["aligned"])
-    out = {f"tvm-dcn {s}": run(lambda: roi.roi_align(*args)) for s in schedules}
-    out["torchvision"] = run(lambda: torchvision.ops.roi_align(*args))
+    leaves = {"input": x.requires_grad_(backward), "boxes": boxes}
+    own = _in_dtype(leaves, dtype, False)
+    own["input"].requires_grad_(backward)
+    run, run_own = _runner(leaves, backward), _runner(own, backward)
+    params = (wl["output_size"], scale, wl["sampling_ratio"], wl["aligned"])
+    out = {f"tvm-dcn {s}": run_own(lambda: roi.roi_align(own["input"], own["boxes"], *params)) for s in schedules}
+    out["torchvision"] = run(lambda: torchvision.ops.roi_align(x, boxes, *params))
     return out, None
 
 
@@ -444,10 +469,10 @@ class _Case:
     (:meth:`repeat`), so that the repeats of several cases can be interleaved."""
 
     def __init__(self, wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, peers=(), slow_repeats: int = 3,
-                 warmup: int = 2, log: Callable[[str], None] = print):
+                 warmup: int = 2, dtype: str = "float32", log: Callable[[str], None] = print):
         self.result = CaseResult(case_name(wl), mode, count, batch=wl["batch"] if wl.op == FORWARD else None)
         factory = _conv_candidates if wl.op == FORWARD else _roi_align_candidates
-        candidates, self.prelude = factory(wl, mode, schedules, peers=peers)
+        candidates, self.prelude = factory(wl, mode, schedules, peers=peers, dtype=dtype)
         reference = candidates["torchvision"]().detach().clone()
         self.usable = {}
         for name, fn in candidates.items():
@@ -511,21 +536,23 @@ class _Case:
 
 
 def run_case(wl: Workload, count: int, mode: str, *, schedules=SCHEDULES, peers=(), repeats: int = 20,
-             slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> CaseResult:
+             slow_repeats: int = 3, warmup: int = 2, dtype: str = "float32",
+             log: Callable[[str], None] = print) -> CaseResult:
     """Time one layer (a deform_conv2d or roi_align forward workload) in one mode."""
     return run_cases([(wl, count)], mode, schedules=schedules, peers=peers, repeats=repeats,
-                     slow_repeats=slow_repeats, warmup=warmup, log=log)[0]
+                     slow_repeats=slow_repeats, warmup=warmup, dtype=dtype, log=log)[0]
 
 
 def run_cases(layers: list[tuple[Workload, int]], mode: str, *, schedules=SCHEDULES, peers=(), repeats: int = 20,
-              slow_repeats: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> list[CaseResult]:
+              slow_repeats: int = 3, warmup: int = 2, dtype: str = "float32",
+              log: Callable[[str], None] = print) -> list[CaseResult]:
     """Time several layers in one mode, their repeats interleaved: repeat ``i`` of every layer
     (in a rotating order) before repeat ``i + 1`` of any. Timed one layer after the other, a burst
     of load on this shared host lasting one layer's few seconds hit that layer alone (the
     forward geomean over torchvision of three consecutive runs: 2.99x, 4.09x, 3.35x); spread over
     the whole run, it hits every layer alike and the median of each sheds it."""
     cases = [_Case(wl, count, mode, schedules=schedules, peers=peers, slow_repeats=slow_repeats, warmup=warmup,
-                   log=log) for wl, count in layers]
+                   dtype=dtype, log=log) for wl, count in layers]
     for i in range(repeats):
         for j in range(len(cases)):
             cases[(i + j) % len(cases)].repeat(i)
@@ -605,14 +632,15 @@ def _columns(results: list[CaseResult]) -> list[str]:
     return [n for n in order if n in names]
 
 
-def markdown_table(results: list[CaseResult], workload_set: str) -> str:
+def markdown_table(results: list[CaseResult], workload_set: str, dtype: str = "float32") -> str:
     cols = _columns(results)
     lines = []
+    precision = "" if dtype == "float32" else f"; tvm-dcn and dense conv2d in {dtype}, the others in float32"
     for mode in MODES:
         rows = [r for r in results if r.mode == mode]
         if not rows:
             continue
-        lines += [f"**{mode}**, `{workload_set}`: median ms (speed-up over torchvision)", "",
+        lines += [f"**{mode}**, `{workload_set}`: median ms (speed-up over torchvision){precision}", "",
                   "| layer | count | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
         for r in rows:
             tv = r.times_ms.get("torchvision")
@@ -675,11 +703,14 @@ def plot(results: list[CaseResult], path: Path, title: str) -> bool:
 
 
 def run(workload_set: str = "resnet50-dcn-224", *, modes=MODES, schedules=SCHEDULES, peers=PEERS,
-        batches: Optional[Sequence[int]] = None, repeats: int = 20, output_dir: Optional[str] = "bench_results",
-        log: Callable[[str], None] = print) -> list[CaseResult]:
-    """Benchmark every layer of ``workload_set`` (at each size of ``batches``, default the set's);
-    write ``<output_dir>/<tag>/bench.*`` unless None. ``peers`` whose packages do not import are
-    left out with a printed reason."""
+        batches: Optional[Sequence[int]] = None, repeats: int = 20, dtype: str = "float32",
+        output_dir: Optional[str] = "bench_results", log: Callable[[str], None] = print) -> list[CaseResult]:
+    """Benchmark every layer of ``workload_set`` (at each size of ``batches``, default the set's),
+    the tvm-dcn and dense conv2d rows in ``dtype`` (:data:`DTYPES`); write
+    ``<output_dir>/<tag>/bench.*`` (``bench-<dtype>.*`` for a half dtype) unless None. ``peers``
+    whose packages do not import are left out with a printed reason."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     layers = layers_of(load(workload_set), batches)
     env = environment()
     log(f"target {env['target_tag']} ({env['processor']}), torch {env['torch']}, {env['torch_threads']} threads")
@@ -688,24 +719,29 @@ def run(workload_set: str = "resnet50-dcn-224", *, modes=MODES, schedules=SCHEDU
     if peers:
         log("peers: " + ", ".join(f"{name} {version}" for name, version in env["peers"].items()))
     results = [result for mode in modes
-               for result in run_cases(layers, mode, schedules=schedules, peers=peers, repeats=repeats, log=log)]
-    table = markdown_table(results, workload_set)
+               for result in run_cases(layers, mode, schedules=schedules, peers=peers, repeats=repeats, dtype=dtype,
+                                       log=log)]
+    table = markdown_table(results, workload_set, dtype)
     log("\n" + table)
     if output_dir:
         folder = Path(output_dir) / env["target_tag"]
         folder.mkdir(parents=True, exist_ok=True)
+        stem = "bench" if dtype == "float32" else f"bench-{dtype}"
         summary = {mode: geomean_speedups(results, mode) for mode in modes}
         by_batch = {mode: {str(b): geomean_speedups(results, mode, b) for b in batches_of(results)} for mode in modes}
-        (folder / "bench.json").write_text(json.dumps(
-            {"environment": env, "workload_set": workload_set, "geomean_speedup_over_torchvision": summary,
+        (folder / f"{stem}.json").write_text(json.dumps(
+            {"environment": env, "workload_set": workload_set, "dtype": dtype,
+             "geomean_speedup_over_torchvision": summary,
              "geomean_speedup_over_torchvision_by_batch": by_batch,
              "results": [asdict(r) for r in results]}, indent=1) + "\n")
         versions = "".join(f", {name} {version}" for name, version in env["peers"].items())
-        (folder / "bench.md").write_text(f"Environment: `{env['target_tag']}`, {env['processor']}, torch "
+        (folder / f"{stem}.md").write_text(f"Environment: `{env['target_tag']}`, {env['processor']}, torch "
                                          f"{env['torch']} ({env['torch_threads']} threads){versions}, "
                                          f"{env['date']}\n\n" + table)
-        if plot(results, folder / "bench.png", f"tvm-dcn vs torchvision, {workload_set}, {env['target_tag']}"):
-            log(f"wrote {folder}/bench.json, bench.md, bench.png")
+        title = f"tvm-dcn vs torchvision, {workload_set}, {env['target_tag']}" + \
+            ("" if dtype == "float32" else f", {dtype} vs float32")
+        if plot(results, folder / f"{stem}.png", title):
+            log(f"wrote {folder}/{stem}.json, {stem}.md, {stem}.png")
         else:
-            log(f"wrote {folder}/bench.json, bench.md (no plot: matplotlib is not installed)")
+            log(f"wrote {folder}/{stem}.json, {stem}.md (no plot: matplotlib is not installed)")
     return results

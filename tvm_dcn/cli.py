@@ -4,7 +4,8 @@
     tvm-dcn bench [--workloads SET]   deformable conv layers of a set on the local CPU, forward and
                                       forward+backward: default / hand / tuned tvm-dcn kernels vs
                                       onnxruntime and openvino (forward, if installed), torchvision
-                                      and dense conv2d; table, JSON, Markdown, PNG
+                                      and dense conv2d; table, JSON, Markdown, PNG; --dtype bfloat16
+                                      (or float16): tvm-dcn and dense conv2d in it, the others float32
     tvm-dcn tune [--workloads SET]    MetaSchedule tuning; records to tuning_logs/<target-tag>/
 
 Two-step tuning for a GPU host without a compiler (tvm_dcn/remote_tune.py):
@@ -49,7 +50,7 @@ def _bench(args) -> int:
     if args.batch is not None and any(b < 1 for b in args.batch):
         raise SystemExit(f"tvm-dcn bench: --batch takes positive batch sizes, got {args.batch}")
     bench.run(args.workloads, modes=modes, schedules=schedules, batches=args.batch, repeats=args.repeats,
-              output_dir=args.output_dir or None)
+              dtype=args.dtype, output_dir=args.output_dir or None)
     return 0
 
 
@@ -178,6 +179,9 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--batch", type=int, nargs="+", metavar="N",
                               help="time every deformable-conv layer at these batch sizes, a row each "
                                    "(e.g. --batch 1 8; default: the set's, 1 for the built-in sets)")
+    bench_parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                              help="dtype of the tvm-dcn and dense conv2d rows (torchvision and the peers run "
+                                   "float32); half-precision results go to bench-<dtype>.*")
     bench_parser.set_defaults(func=_bench)
     tune_parser = sub.add_parser("tune", help="auto-schedule a workload set with MetaSchedule and export the records")
     tune_parser.add_argument("--workloads", nargs="+", default=["resnet50-dcn-224"],

@@ -28,6 +28,14 @@ recorder; anything else goes through the operator). Right after other work every
 runs on cold caches here, so each one counts: measured side by side, each call right after the
 layer's offset convolution, the direct call took 0.23-0.30 ms less than validation plus the
 operator (ResNet-50 DCN layers, two runs).
+
+Half precision: bfloat16 and float16 tensors run the float32 kernels (there are no half-precision
+kernels): the operators convert them to float32 once, compute and accumulate in float32 and return
+results and gradients in the half dtype (``kernel_dtype``). ``torch.autocast``: the forward
+operators have AutocastCPU and AutocastCUDA kernels (:func:`implements_autocast`), deform_conv2d
+with ``conv2d``'s rule (floating-point arguments cast to the autocast dtype), the RoI family with
+torchvision's (float32 compute, results in the input's dtype); the functions apply the same rules
+before their validation, which requires one dtype.
 """
 from __future__ import annotations
 
@@ -39,8 +47,9 @@ from torch.jit.annotations import BroadcastingList2
 
 from . import kernel as _kernel
 from . import recording as _recording
-from ._torch_utils import (SUPPORTED_DTYPES, ArgumentTypeError, ArgumentValueError, BoxFormatError,  # noqa: F401
-                           BoxTypeError, check_tensor, int_pair_argument)
+from ._torch_utils import (HALF_DTYPES, SUPPORTED_DTYPES, ArgumentTypeError, ArgumentValueError,  # noqa: F401
+                           BoxFormatError, BoxTypeError, autocast_cast, autocast_dtype, check_tensor,
+                           int_pair_argument, kernel_dtype)
 from ._utils import IntPair
 from .ops.deform_conv import (backward_data_workload, backward_weight_workload, forward_workload, output_size,
                                padded_pixels)
@@ -200,6 +209,11 @@ def check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding,
 def _deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
                   dilation: IntPair = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    dtype = autocast_dtype(input)
+    if dtype is not None:
+        # The operator's autocast rule (implements_autocast), applied before the validation, which
+        # requires one dtype: conv_offset under autocast returns the autocast dtype, not the input's.
+        input, offset, weight, bias, mask = (autocast_cast(t, dtype) for t in (input, offset, weight, bias, mask))
     key = _eager_key(input, offset, weight, bias, mask, stride, padding, dilation)
     if key is not None:
         plan = _eager_plans.get(key)
@@ -240,6 +254,11 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         (N, C_out, H_out, W_out) with ``H_out = (H + 2 * pad_h - dil_h * (KH - 1) - 1) // stride_h + 1``
         (likewise W_out). A sample at a position outside (-1, H) x (-1, W), or at a non-finite
         position (NaN/inf offsets), contributes zero. Same dtype and device as ``input``.
+
+    All tensors have one dtype: float32, float64, or bfloat16 / float16, which run the float32
+    kernels (the tensors converted once, float32 accumulation; results and gradients in the half
+    dtype). Under ``torch.autocast`` the floating-point tensors (except float64 ones) are first
+    cast to the autocast dtype, as ``conv2d``'s are.
     """
     if not torch.jit.is_scripting():
         return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
@@ -250,7 +269,7 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
 def _workload(input, offset, weight, bias, mask, stride, padding, dilation):
     """The forward workload of a validated call."""
     return _forward_workload(tuple(input.shape), tuple(weight.shape), offset.shape[1], tuple(stride), tuple(padding),
-                             tuple(dilation), mask is not None, bias is not None, input.dtype)
+                             tuple(dilation), mask is not None, bias is not None, kernel_dtype(input.dtype))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -268,6 +287,10 @@ def _forward_workload(input_shape, weight_shape, offset_channels, stride, paddin
 def _is_empty(input: torch.Tensor, weight: torch.Tensor) -> bool:
     """Calls with nothing to compute (no batch, no input or output channels) skip the kernels."""
     return input.shape[0] == 0 or input.shape[1] == 0 or weight.shape[0] == 0
+
+
+def _float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
 
 
 def _flat(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -294,6 +317,35 @@ def implements(name: str):
     return register
 
 
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def implements_autocast(name: str, float32: bool = False) -> None:
+    """Registers the ``torch.autocast`` rule of ``tvm_dcn::<name>`` (its AutocastCPU and AutocastCUDA
+    kernels): the floating-point arguments, except float64 ones, cast to the autocast dtype, as
+    ``conv2d``'s; with ``float32``, torchvision's rule for its RoI operators instead: cast to
+    float32, floating-point results back to the first argument's dtype."""
+    op = getattr(torch.ops.tvm_dcn, name).default
+    for device_type, key in _AUTOCAST_KEYS.items():
+        LIBRARY.impl(name, _autocast_kernel(op, device_type, key, float32), key, with_keyset=True)
+
+
+def _autocast_kernel(op, device_type: str, key: str, float32: bool):
+    this_autocast = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(keyset, *args):
+        dtype = torch.float32 if float32 else torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(this_autocast):  # as torch.library.register_autocast
+            out = op(*(autocast_cast(a, dtype) for a in args))
+        if not float32:
+            return out
+        result_dtype = args[0].dtype
+        if isinstance(out, torch.Tensor):
+            return out.to(result_dtype)
+        return tuple(t.to(result_dtype) if t.is_floating_point() else t for t in out)
+    return kernel
+
+
 class _ForwardPlan(NamedTuple):
     """The forward kernel of one call signature and its output's shapes: as the kernel writes it
     (the TE definition's layout) and as returned."""
@@ -313,6 +365,8 @@ def _forward_plan(input, offset, weight, bias, mask, stride, padding, dilation) 
 
 
 def _run_forward(plan: _ForwardPlan, input, offset, weight, bias, mask) -> torch.Tensor:
+    if input.dtype in HALF_DTYPES:  # the float32 kernel (kernel_dtype), the result in the half dtype
+        return _run_forward(plan, *(_float32(t) for t in (input, offset, weight, bias, mask))).to(input.dtype)
     args = [_flat(input, input.shape[1]), _flat(offset, offset.shape[1])]
     if mask is not None:
         args.append(_flat(mask, mask.shape[1]))
@@ -350,6 +404,10 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
                                                                      torch.Tensor, torch.Tensor]:
     """Gradients (input, offset, mask, weight, bias) for the flags ``needs``; a gradient that is
     not needed (or a mask/bias that does not exist) comes back as an empty tensor."""
+    if input.dtype in HALF_DTYPES:  # the float32 kernels (kernel_dtype), the gradients in the half dtype
+        grads = _backward_impl(*(_float32(t) for t in (grad_output, input, offset, weight, mask)), with_bias, stride,
+                               padding, dilation, needs)
+        return tuple(g.to(input.dtype) for g in grads)
     need_input, need_offset, need_mask, need_weight, need_bias = needs
     need_mask = need_mask and mask is not None
     need_bias = need_bias and with_bias
@@ -447,3 +505,4 @@ def _forward_grad(ctx, grad_output):
 
 
 torch.library.register_autograd("tvm_dcn::deform_conv2d_forward", _forward_grad, setup_context=_save_for_backward)
+implements_autocast("deform_conv2d_forward")

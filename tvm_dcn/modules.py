@@ -223,7 +223,8 @@ class DeformConv2d(_DeformConvBase):
         """Apply the deformable convolution.
 
         Args:
-            input: ``(N, C_in, H, W)``, float32 or float64.
+            input: ``(N, C_in, H, W)``, float32, float64, bfloat16 or float16 (see
+                :func:`tvm_dcn.deform_conv2d`; under ``torch.autocast``, the autocast dtype).
             offset: ``(N, 2 * G * KH * KW, H_out, W_out)``, same dtype; ``G`` (the number of
                 offset groups, which must divide ``C_in``) is inferred from the channel count.
                 Channel ``2 * (g * KH * KW + k)`` is ``dy`` and ``2 * (g * KH * KW + k) + 1`` is
@@ -278,12 +279,6 @@ class _PackBase(_DeformConvBase):
         with torch.no_grad():
             self.conv_offset.weight.zero_()
             self.conv_offset.bias.zero_()
-
-    def _offset_input(self, x: Tensor) -> Tensor:
-        out = self.conv_offset(x)
-        # Under autocast conv_offset may return a lower precision than x; the kernel needs one dtype.
-        # (``to`` returns ``out`` itself when the dtype matches; no branch, so torch.fx can trace it.)
-        return out.to(x.dtype)
 
 
 class DeformConv2dPack(_PackBase):
@@ -340,8 +335,8 @@ class DeformConv2dPack(_PackBase):
         self.init_offset()
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``(N, C_in, H, W)`` float32/float64 -> ``(N, C_out, H_out, W_out)``."""
-        return self._deform(x, self._offset_input(x), None)
+        """``x``: ``(N, C_in, H, W)`` float32/float64/bfloat16/float16 -> ``(N, C_out, H_out, W_out)``."""
+        return self._deform(x, self.conv_offset(x), None)
 
 
 class ModulatedDeformConv2dPack(_PackBase):
@@ -410,8 +405,8 @@ class ModulatedDeformConv2dPack(_PackBase):
     init_weights = reset_parameters
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``(N, C_in, H, W)`` float32/float64 -> ``(N, C_out, H_out, W_out)``."""
-        out = self._offset_input(x)
+        """``x``: ``(N, C_in, H, W)`` float32/float64/bfloat16/float16 -> ``(N, C_out, H_out, W_out)``."""
+        out = self.conv_offset(x)
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
         return self._deform(x, offset, torch.sigmoid(mask))

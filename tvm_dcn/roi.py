@@ -29,9 +29,18 @@ degenerate boxes follow the operators' definitions; wrong box shapes raise ``Box
 batch indices outside [0, N) and non-finite boxes raise ``ArgumentValueError`` (``ValueError``
 and, as torchvision's errors, ``RuntimeError``) in the operators (the checks read the box values,
 so they run with the kernels).
+
+Dtypes: float32, float64, bfloat16 and float16 (the last two through the float32 kernels, results
+and gradients in the half dtype, ``functional``); ``offset`` and ``mask`` must have the input's
+dtype, boxes may have any real dtype (used in the kernels' dtype: float32 boxes stay exact for a
+half-precision input). Under ``torch.autocast`` the operators and functions follow torchvision's
+rule for its RoI operators: compute in float32, return the input's dtype. (Running them in the
+autocast dtype would gain nothing, as the kernels compute in float32 anyway, and a float32 feature
+map keeps its float32 result, as with torchvision.)
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -43,10 +52,10 @@ from torch import nn
 from torch.jit.annotations import BroadcastingList2
 
 from . import kernel as _kernel
-from ._torch_utils import (ArgumentTypeError, ArgumentValueError, BoxFormatError, BoxTypeError, check_tensor,
-                           int_pair_argument)
+from ._torch_utils import (ArgumentTypeError, ArgumentValueError, BoxFormatError, BoxTypeError, autocast_cast,
+                           autocast_dtype, check_tensor, int_pair_argument, kernel_dtype)
 from ._utils import IntPair
-from .functional import LIBRARY, device_target, implements, is_plain_eager_call, kernel_arg
+from .functional import LIBRARY, device_target, implements, implements_autocast, is_plain_eager_call, kernel_arg
 from .ops.deform_roi_pool import deform_psroi_pool_workload, deform_roi_pool_workload
 from .ops.roi_align import (MAX_GRID, grid_bucket, ps_roi_align_workload, roi_align_workload, roi_bucket,
                             roi_pool_workload)
@@ -93,9 +102,10 @@ def _int(value, name: str) -> int:
 
 
 def _rois(boxes: Boxes, input: torch.Tensor, name: str = "boxes") -> torch.Tensor:
-    """``boxes`` as a detached (K, 5) tensor of the input's dtype; shapes and types validated here,
-    values by the operators (:func:`_check_box_values`)."""
-    dtype = input.dtype
+    """``boxes`` as a detached (K, 5) tensor of the dtype of the input's kernels (float32 for a
+    half-precision input: its boxes keep their precision); shapes and types validated here, values
+    by the operators (:func:`_check_box_values`)."""
+    dtype = kernel_dtype(input.dtype)
     if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise BoxFormatError(f"{name} must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
@@ -110,7 +120,7 @@ def _rois(boxes: Boxes, input: torch.Tensor, name: str = "boxes") -> torch.Tenso
                 raise BoxFormatError(f"{name}[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
             b = _as_float(b, f"{name}[{i}]", dtype, input)
             parts.append(torch.cat([torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device), b], dim=1))
-        return torch.cat(parts) if parts else input.new_zeros(0, 5)
+        return torch.cat(parts) if parts else input.new_zeros(0, 5, dtype=dtype)
     raise BoxTypeError(f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
 
 
@@ -197,25 +207,28 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 class _Plan:
-    """Padded RoIs and scalars of one call on a feature map of ``shape`` (the dtype and device of
-    ``like``); subclasses run the forward and backward kernels."""
+    """Padded RoIs and scalars of one call on a feature map of ``shape``, results of the dtype and
+    device of ``like``; subclasses run the forward and backward kernels. The kernels run in
+    ``kernel_dtype``: half-precision tensors are converted to float32 for them (``kernel_tensor``)
+    and their results back (``result``)."""
 
     def __init__(self, shape: Sequence[int], like: torch.Tensor, rois: torch.Tensor, scalars: Sequence[float],
                  out_channels: int, output_size: tuple[int, int], name: str):
         self.shape = tuple(int(v) for v in shape)
         _check_box_values(rois, self.shape[0], scalars[0], name)
-        rois = rois.to(like.dtype)
+        dtype = kernel_dtype(like.dtype)
+        self.boxes = rois = rois.to(dtype)  # (K, 5), as the kernels read them
         self.like = like
         self.num_rois = rois.shape[0]
         self.rows = roi_bucket(self.num_rois)
         self.output_size = (int(output_size[0]), int(output_size[1]))
         self.out_channels = out_channels
         self.target = device_target(like.device)
-        padded = like.new_zeros(self.rows, 5)
+        padded = like.new_zeros(self.rows, 5, dtype=dtype)
         padded[:, 0] = -1  # padding rows: skipped by every stage
         padded[: self.num_rois] = rois
         self.rois = padded
-        self.scalars = torch.tensor(list(scalars), dtype=like.dtype, device=like.device)
+        self.scalars = torch.tensor(list(scalars), dtype=dtype, device=like.device)
         _check_size(self.shape, self.rows * out_channels * self.output_size[0] * self.output_size[1])
 
     @property
@@ -236,9 +249,17 @@ class _Plan:
     def zero_grad_input(self) -> torch.Tensor:
         return self.like.new_zeros(self.shape)
 
+    def kernel_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Floating-point ``t`` in the kernels' dtype."""
+        return t if t.dtype == self.rois.dtype else t.to(self.rois.dtype)
+
+    def result(self, t: torch.Tensor) -> torch.Tensor:
+        """A kernel's floating-point result in the dtype of the call's results."""
+        return t if t.dtype == self.like.dtype else t.to(self.like.dtype)
+
     def flat_input(self, input: torch.Tensor) -> torch.Tensor:
         n, c, h, w = self.shape
-        return kernel_arg(input).view(n, c, h * w)
+        return kernel_arg(self.kernel_tensor(input)).view(n, c, h * w)
 
     def padded(self, t: torch.Tensor, shape_tail: tuple) -> torch.Tensor:
         """``t`` (K, ...) as a kernel argument with ``rows`` rows (zeros below)."""
@@ -250,7 +271,7 @@ class _Plan:
         return out
 
     def padded_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.padded(grad, self.output_shape(self.rows)[1:])
+        return self.padded(self.kernel_tensor(grad), self.output_shape(self.rows)[1:])
 
     def grad_input_buffer(self) -> torch.Tensor:
         n, c, h, w = self.shape
@@ -274,7 +295,8 @@ class _AlignPlan(_Plan):
         channels = shape[1] // bins if position_sensitive else shape[1]
         super().__init__(shape, like, rois, [spatial_scale], channels, output_size, "boxes")
         shift, min_size = (0.5, None) if aligned else (0.0, 1.0)
-        grid = None if sampling_ratio > 0 else _adaptive_grid(rois, spatial_scale, self.output_size, shift, min_size)
+        grid = None if sampling_ratio > 0 else _adaptive_grid(self.boxes, spatial_scale, self.output_size, shift,
+                                                              min_size)
         params = dict(self.geometry(), output_size=self.output_size, sampling_ratio=sampling_ratio, max_grid=grid)
         if position_sensitive:
             self.workloads = [ps_roi_align_workload(**params, backward=b) for b in (False, True)]
@@ -284,14 +306,15 @@ class _AlignPlan(_Plan):
     def forward(self, input):
         if self.empty:
             return self.empty_output()
-        return self.run_forward(self.workloads[0], [self.flat_input(input), self.rois, self.scalars])[: self.num_rois]
+        out = self.run_forward(self.workloads[0], [self.flat_input(input), self.rois, self.scalars])
+        return self.result(out[: self.num_rois])
 
     def backward(self, grad):
         if self.empty:
             return self.zero_grad_input()
         grad_input = self.grad_input_buffer()
         self.kernel(self.workloads[1])(self.padded_grad(grad), self.rois, self.scalars, grad_input)
-        return grad_input.view(self.shape)
+        return self.result(grad_input.view(self.shape))
 
 
 class _PoolPlan(_Plan):
@@ -302,7 +325,8 @@ class _PoolPlan(_Plan):
         channels = shape[1] // bins if position_sensitive else shape[1]
         super().__init__(shape, like, rois, [spatial_scale], channels, output_size, "boxes")
         self.position_sensitive = position_sensitive
-        params = dict(self.geometry(), output_size=self.output_size, max_roi_size=_max_roi_size(rois, spatial_scale),
+        params = dict(self.geometry(), output_size=self.output_size,
+                      max_roi_size=_max_roi_size(self.boxes, spatial_scale),
                       position_sensitive=position_sensitive)
         self.workloads = [roi_pool_workload(**params, backward=b) for b in (False, True)]
 
@@ -312,10 +336,10 @@ class _PoolPlan(_Plan):
             return out, (None if self.position_sensitive else out.new_full(out.shape, -1, dtype=torch.int32))
         args = [self.flat_input(input), self.rois, self.scalars]
         if self.position_sensitive:
-            return self.run_forward(self.workloads[0], args)[: self.num_rois], None
+            return self.result(self.run_forward(self.workloads[0], args)[: self.num_rois]), None
         argmax = self.rois.new_empty(self.output_shape(self.rows), dtype=torch.int32)
         out = self.run_forward(self.workloads[0], args, [argmax])
-        return out[: self.num_rois], argmax[: self.num_rois]
+        return self.result(out[: self.num_rois]), argmax[: self.num_rois]
 
     def backward(self, grad, argmax=None):
         if self.empty:
@@ -327,7 +351,7 @@ class _PoolPlan(_Plan):
         else:
             _check_argmax(argmax, self.output_shape(self.num_rois), self.shape[2] * self.shape[3])
             kern(self.padded_grad(grad), self.padded(argmax, self.output_shape(self.rows)[1:]), self.rois, grad_input)
-        return grad_input.view(self.shape)
+        return self.result(grad_input.view(self.shape))
 
 
 def _check_argmax(argmax: torch.Tensor, shape: tuple, pixels: int) -> None:
@@ -345,7 +369,7 @@ class _DeformPlan(_Plan):
 
     def __init__(self, shape, like, rois, output_size, spatial_scale, sampling_ratio, gamma, with_offset, with_mask):
         super().__init__(shape, like, rois, [spatial_scale, gamma], shape[1], output_size, "rois")
-        grid = None if sampling_ratio > 0 else _adaptive_grid(rois, spatial_scale, self.output_size, 0.5, None)
+        grid = None if sampling_ratio > 0 else _adaptive_grid(self.boxes, spatial_scale, self.output_size, 0.5, None)
         params = dict(self.geometry(), output_size=self.output_size, sampling_ratio=sampling_ratio, max_grid=grid,
                       with_offset=with_offset, with_mask=with_mask)
         self.workloads = {b: deform_roi_pool_workload(**params, backward=b) for b in (None, "input", "params")}
@@ -354,16 +378,16 @@ class _DeformPlan(_Plan):
         ph, pw = self.output_size
         args = [self.rois]
         if offset is not None:
-            args.append(self.padded(offset, (2, ph, pw)))
+            args.append(self.padded(self.kernel_tensor(offset), (2, ph, pw)))
         if mask is not None:
-            args.append(self.padded(mask, (ph, pw)))
+            args.append(self.padded(self.kernel_tensor(mask), (ph, pw)))
         return args + [self.scalars]
 
     def forward(self, input, offset, mask):
         if self.empty:
             return self.empty_output()
         out = self.run_forward(self.workloads[None], [self.flat_input(input)] + self._params(offset, mask))
-        return out[: self.num_rois]
+        return self.result(out[: self.num_rois])
 
     def backward(self, grad, needs, input, offset, mask):
         """Gradients (input, offset, mask) for the flags ``needs`` (None where not needed or absent)."""
@@ -378,16 +402,16 @@ class _DeformPlan(_Plan):
         if need_input:
             grad_input = self.grad_input_buffer()
             self.kernel(self.workloads["input"])(grad_out, *params, grad_input)
-            grad_input = grad_input.view(self.shape)
+            grad_input = self.result(grad_input.view(self.shape))
         if need_offset or need_mask:
             ph, pw = self.output_size
             outs = ([self.rois.new_empty(self.rows, 2, ph, pw)] if offset is not None else []) + \
                    ([self.rois.new_empty(self.rows, ph, pw)] if mask is not None else [])
             self.kernel(self.workloads["params"])(grad_out, self.flat_input(input), *params, *outs)
             if need_offset:
-                grad_offset = outs[0][: self.num_rois].reshape(offset.shape)
+                grad_offset = self.result(outs[0][: self.num_rois].reshape(offset.shape))
             if need_mask:
-                grad_mask = outs[-1][: self.num_rois].reshape(mask.shape)
+                grad_mask = self.result(outs[-1][: self.num_rois].reshape(mask.shape))
         return grad_input, grad_offset, grad_mask
 
 
@@ -407,13 +431,14 @@ class _PSDeformPlan(_Plan):
     def _params(self, trans) -> list:
         args = [self.rois]
         if trans is not None:
-            args.append(self.padded(trans, (2 * self.num_classes, self.part_size, self.part_size)))
+            args.append(self.padded(self.kernel_tensor(trans), (2 * self.num_classes, self.part_size, self.part_size)))
         return args + [self.scalars]
 
     def forward(self, input, trans):
         if self.empty:
             return self.empty_output()
-        return self.run_forward(self.workloads[None], [self.flat_input(input)] + self._params(trans))[: self.num_rois]
+        out = self.run_forward(self.workloads[None], [self.flat_input(input)] + self._params(trans))
+        return self.result(out[: self.num_rois])
 
     def backward(self, grad, needs, input, trans):
         """Gradients (input, trans) for the flags ``needs`` (None where not needed or absent)."""
@@ -427,12 +452,12 @@ class _PSDeformPlan(_Plan):
         if need_input:
             grad_input = self.grad_input_buffer()
             self.kernel(self.workloads["input"])(grad_out, *params, grad_input)
-            grad_input = grad_input.view(self.shape)
+            grad_input = self.result(grad_input.view(self.shape))
         if need_trans:
             part = self.part_size
             out = self.rois.new_empty(self.rows, 2 * self.num_classes, part, part)
             self.kernel(self.workloads["params"])(grad_out, self.flat_input(input), *params, out)
-            grad_trans = out[: self.num_rois]
+            grad_trans = self.result(out[: self.num_rois])
         return grad_input, grad_trans
 
 
@@ -787,12 +812,29 @@ for _name in ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_ro
     # Gradients computed with create_graph=True record the backward operator; differentiating them
     # raises, as torchvision does, instead of finding no path to the inputs.
     torch.library.register_autograd(f"tvm_dcn::{_name}_backward", _no_double_backward)
+    # Under autocast, torchvision's rule for its RoI operators: float32 in, the input's dtype out.
+    implements_autocast(f"{_name}_forward", float32=True)
+
+
+def _float32_under_autocast(function):
+    """The autocast rule of the RoI operators (``implements_autocast(..., float32=True)``) for the
+    function that calls one: under ``torch.autocast``, its floating-point tensor arguments cast to
+    float32 before the validation (which requires one dtype), the result in the input's dtype."""
+    @functools.wraps(function)
+    def call(input, *args, **kwargs):
+        if autocast_dtype(input) is None:
+            return function(input, *args, **kwargs)
+        args = [autocast_cast(a, torch.float32) for a in args]
+        kwargs = {k: autocast_cast(v, torch.float32) for k, v in kwargs.items()}
+        return function(autocast_cast(input, torch.float32), *args, **kwargs).to(input.dtype)
+    return call
 
 
 # --------------------------------------------------------------------------------------------
 # Functions
 
 
+@_float32_under_autocast
 def _roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
     _check_input(input)
@@ -858,6 +900,7 @@ def _check_ps_channels(input, output_size) -> None:
                                  "bin)")
 
 
+@_float32_under_autocast
 def _ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
                  sampling_ratio: int = -1) -> torch.Tensor:
     _check_input(input)
@@ -871,6 +914,7 @@ def _ps_roi_align(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spati
     return torch.ops.tvm_dcn.ps_roi_align_forward.default(input, rois, spatial_scale, ph, pw, sampling_ratio)
 
 
+@_float32_under_autocast
 def _roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
     _check_input(input)
     ph, pw = _output_size(output_size)
@@ -881,6 +925,7 @@ def _roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_s
     return torch.ops.tvm_dcn.roi_pool_forward.default(input, rois, spatial_scale, ph, pw)[0]
 
 
+@_float32_under_autocast
 def _ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0) -> torch.Tensor:
     _check_input(input)
     ph, pw = _output_size(output_size)
@@ -892,6 +937,7 @@ def _ps_roi_pool(input: torch.Tensor, boxes: Boxes, output_size: IntPair, spatia
     return torch.ops.tvm_dcn.ps_roi_pool_forward.default(input, rois, spatial_scale, ph, pw)
 
 
+@_float32_under_autocast
 def _deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], output_size: IntPair,
                     spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -908,6 +954,7 @@ def _deform_roi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Te
     return torch.ops.tvm_dcn.deform_roi_pool_forward.default(*args)
 
 
+@_float32_under_autocast
 def _deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.Tensor], spatial_scale: float,
                       output_dim: int, group_size: int, pooled_size: int, part_size: Optional[int] = None,
                       sample_per_part: int = 4, trans_std: float = 0.0, no_trans: bool = False) -> torch.Tensor:
@@ -934,15 +981,19 @@ def _deform_psroi_pool(input: torch.Tensor, rois: Boxes, offset: Optional[torch.
 
 
 def _script_rois(boxes: Boxes, input: torch.Tensor) -> torch.Tensor:
-    """TorchScript's conversion of ``boxes`` to (K, 5) rows (the operators validate them)."""
+    """TorchScript's conversion of ``boxes`` to (K, 5) rows (the operators validate them), in the
+    dtype of the input's kernels (``kernel_dtype``: float32 for a half-precision input)."""
+    dtype = input.dtype
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        dtype = torch.float32
     if isinstance(boxes, torch.Tensor):
-        return boxes.to(input.dtype)
+        return boxes.to(dtype)
     parts: List[torch.Tensor] = []
     for i, b in enumerate(boxes):
         parts.append(torch.cat([torch.full_like(b[:, :1], float(i)), b], 1))
     if len(parts) == 0:
-        return input.new_zeros([0, 5])
-    return torch.cat(parts).to(input.dtype)
+        return input.new_zeros([0, 5], dtype=dtype)
+    return torch.cat(parts).to(dtype)
 
 
 # The public functions: validated eager calls (above), or in TorchScript the operators directly
