@@ -225,7 +225,7 @@ def test_export_without_search_uses_the_work_dir_as_it_is(tuned, tmp_path):
     root, first = tuned
     records_before = (root / "work" / RECORD_FILE).read_text()
     again = tune.tune([TINY], work_dir=root / "work", output_dir=tmp_path / "out",
-                      **{**SEARCH, "trials_per_task": 50}, search=False)
+                      **{**SEARCH, "trials_per_task": 50, "verify_top": 1}, search=False)
     assert (root / "work" / RECORD_FILE).read_text() == records_before
     assert again.tasks[0].trials == first.tasks[0].trials and again.tasks[0].best_seconds > 0
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
