@@ -177,3 +177,15 @@ def make_boxes(generator: torch.Generator, batch: int, image_hw, count: int = 10
     coords = torch.cat([random, special])
     index = torch.randint(0, batch, (coords.shape[0], 1), generator=generator).to(torch.float64)
     return torch.cat([index, coords], dim=1).to(dtype)
+
+
+def roi_case(shape, spatial_scale: float, output_size, seed: int = 1234):
+    """Seeded float64 (feature map, boxes, output gradient) for RoI tests: a ``shape`` map, 16
+    boxes (6 random plus the edge cases of :func:`make_boxes`: one bucket) in the image the map
+    covers at ``spatial_scale``, and a gradient of the (boxes, channels, *output_size) output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    image = (shape[2] / spatial_scale, shape[3] / spatial_scale)
+    boxes = make_boxes(g, shape[0], image, count=6, dtype=torch.float64)
+    grad = torch.randn(boxes.shape[0], shape[1], *output_size, generator=g, dtype=torch.float64)
+    return x, boxes, grad

@@ -20,7 +20,7 @@ import torchvision
 import roi_reference as ref
 import tvm_dcn
 from conftest import assert_matches, reference_deform_conv2d, reference_deform_conv2d_autograd
-from roi_reference import make_boxes
+from roi_reference import make_boxes, roi_case
 
 HALF = [torch.bfloat16, torch.float16]
 HALF_IDS = ["bf16", "f16"]
@@ -31,7 +31,6 @@ SHAPE = (2, 12, 9, 11)
 DEFORM_SHAPE = (2, 6, 9, 11)
 SCALE = 0.5
 OUT = (3, 2)
-IMAGE = (SHAPE[2] / SCALE, SHAPE[3] / SCALE)
 # deform_conv2d: two groups, two offset groups, modulated, with bias.
 CONV = dict(stride=1, padding=1, dilation=1)
 
@@ -95,11 +94,7 @@ def test_deform_conv2d_is_the_float32_kernels_rounded(conv_data, dtype):
 
 @pytest.fixture(scope="module")
 def roi_data():
-    g = torch.Generator().manual_seed(1234)
-    x = torch.randn(*SHAPE, generator=g, dtype=torch.float64)
-    boxes = make_boxes(g, SHAPE[0], IMAGE, count=6, dtype=torch.float64)  # 16 boxes: one bucket
-    grad = torch.randn(boxes.shape[0], SHAPE[1], *OUT, generator=g, dtype=torch.float64)
-    return x, boxes, grad
+    return roi_case(SHAPE, SCALE, OUT)
 
 
 # (name, keyword arguments); ps_roi_align with a fixed grid (with adaptive sampling torchvision

@@ -11,23 +11,18 @@ import torchvision
 
 import tvm_dcn
 from conftest import assert_matches
-from roi_reference import make_boxes
+from roi_reference import roi_case
 
 # One feature map (batch 2, 12 channels, 9 x 11) at spatial scale 0.5, output 3 x 2: PS variants
 # read 12 / 6 = 2 output channels.
 SHAPE = (2, 12, 9, 11)
 SCALE = 0.5
 OUT = (3, 2)
-IMAGE = (SHAPE[2] / SCALE, SHAPE[3] / SCALE)
 
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(1234)
-    x = torch.randn(*SHAPE, generator=g, dtype=torch.float64)
-    boxes = make_boxes(g, SHAPE[0], IMAGE, count=6, dtype=torch.float64)  # 16 boxes: one bucket
-    grad = torch.randn(boxes.shape[0], SHAPE[1], *OUT, generator=g, dtype=torch.float64)
-    return x, boxes, grad
+    return roi_case(SHAPE, SCALE, OUT)
 
 
 def _run(fn, x, boxes, grad_out, dtype, **kw):
