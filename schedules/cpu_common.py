@@ -64,7 +64,8 @@ def register_tile(group_rows: int, pixel_vectors: int, registers: int) -> tuple[
 
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
-                 cores: int, sampled: bool = False, registers: int = 16, epilogue: Optional[str] = None) -> None:
+                 cores: int, sampled: bool = False, registers: int = 16, epilogue: Optional[str] = None,
+                 dot: Optional[str] = None) -> None:
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
     Each (rows x vectors*lanes) output tile stays in vector registers across the whole reduction,
@@ -81,20 +82,27 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     pixels of a parallel task, and the loop order inside a task (row tiles inside or outside the
     pixel stripes: the rows' middle loop is split in two, one on either side of the pixels'
     middle loop, so the order is a tile-size decision too, which a replayed trace re-evaluates).
+
+    ``dot``: a tensor intrinsic computing one vector of ``lanes`` pixels over the block's innermost
+    reduction loop (``cpu_bf16``: a bfloat16 pair per step), which then runs inside the tile
+    instead of a vectorised FMA; the vector width is not sampled.
     """
     gemm = sch.get_sblock(block)
     loops = sch.get_loops(gemm)
     n, row, p, reduction = loops[0], loops[1], loops[2], loops[3:]
+    # With a dot product the innermost reduction loop belongs to the intrinsic, inside the tile.
+    inner_reduction = [reduction[-1]] if dot else []
+    reduction = reduction[:-1] if dot else reduction
     if sampled:
         row_outer, row_before, row_after, row_inner = sch.split(
             row, sch.sample_perfect_tile(row, n=4, max_innermost_factor=2 * ACCUMULATOR_VECTORS))
         p_vectors, p_lanes = sch.split(p, [None, lanes])
         p_outer, p_mid, p_vector = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=3, max_innermost_factor=8))
         # The vector width: lanes, or half of it with twice the vectors (a decision, not a branch).
-        width = sch.sample_categorical([1, 2], [0.5, 0.5]) if lanes % 2 == 0 else 1
+        width = sch.sample_categorical([1, 2], [0.5, 0.5]) if lanes % 2 == 0 and not dot else 1
         p_half, p_inner = sch.split(p_lanes, [width, None])
         tile = [row_inner, p_vector, p_half, p_inner]
-        sch.reorder(n, row_outer, p_outer, row_before, p_mid, row_after, *reduction, *tile)
+        sch.reorder(n, row_outer, p_outer, row_before, p_mid, row_after, *reduction, *tile, *inner_reduction)
         middle = row_after
     else:
         rows, vectors = register_tile(group_rows, pixel_vectors, registers)
@@ -117,7 +125,7 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         # faster; with one-vector tiles (narrower stripes, more weight traffic) it was 6-9%
         # slower, so those keep rows outside.
         order = (p_mid, row_mid) if vectors > 1 else (row_mid, p_mid)
-        sch.reorder(n, row_outer, p_outer, *order, *reduction, *tile)
+        sch.reorder(n, row_outer, p_outer, *order, *reduction, *tile, *inner_reduction)
         middle = order[-1]
     sch.parallel(sch.fuse(n, row_outer, p_outer))
     if epilogue is None:
@@ -128,8 +136,13 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     sch.reverse_compute_at(accumulator, middle)
     for loop in tile[:-1]:
         sch.unroll(loop)
-    sch.vectorize(tile[-1])  # before decompose_reduction: it needs the complete reduction block
-    sch.decompose_reduction(gemm, reduction[0])
+    if dot:
+        init = sch.decompose_reduction(gemm, reduction[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(tile[-1], dot)
+    else:
+        sch.vectorize(tile[-1])  # before decompose_reduction: it needs the complete reduction block
+        sch.decompose_reduction(gemm, reduction[0])
     if not sampled:
         # The write-back's loops exist only for tiles wider than one: with sampled tiles their
         # number would depend on the decisions, which a replayed (mutated) trace must not.

@@ -20,10 +20,12 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from tvm.s_tir import Schedule
 
 from .._utils import largest_divisor
-from . import cpu_transpose
+from . import cpu_bf16, cpu_transpose
 from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, parallel_rows,
                          parallel_vectorize, vector_lanes, vector_registers)
 from .registry import register
@@ -37,7 +39,7 @@ def geometry(workload, target):
     from tvm_dcn.ops.deform_conv import ConvGeometry
 
     geo = ConvGeometry(workload)
-    return geo, min(vector_lanes(geo.dtype, target), geo.pixel_align)
+    return geo, min(vector_lanes(geo.compute_dtype, target), geo.pixel_align)
 
 
 def _sampling(sch: Schedule, lanes: int, *, weights: bool = True, sampled: bool = False) -> None:
@@ -63,7 +65,7 @@ def column_tile(geo, lanes: int) -> int:
     pixels of one tap): ``lanes`` where they divide the channels of an offset group, else 8
     (float32, where 8 divides both), else ``lanes``."""
     group = geo.channels_per_offset_group
-    if group % lanes and geo.dtype == "float32" and lanes % cpu_transpose.TILE == 0 and group % cpu_transpose.TILE == 0:
+    if group % lanes and geo.compute_dtype == "float32" and lanes % cpu_transpose.TILE == 0 and group % cpu_transpose.TILE == 0:
         return cpu_transpose.TILE
     return lanes
 
@@ -72,14 +74,18 @@ def has_column_stripes(geo, lanes: int) -> bool:
     return geo.channels_per_offset_group % column_tile(geo, lanes) == 0
 
 
-def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False) -> None:
+def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False,
+                           per_stripe: Optional[str] = None) -> bool:
     """input_channels_last and the (N, C, K, P') deform_col (``ops.deform_conv.channel_major_columns``):
     each (tile channels x tile pixels) tile of one tap is computed with vector loads along the
     channels into registers and stored transposed (pixels contiguous, as the GEMM reads them).
 
     ``sampled``: the sampling stages as in ``parallel_vectorize``; the stripes of a parallel task
     and the loop order of taps and channel tiles (the channel tiles' loop split in two, one on
-    either side of the taps' loop) are decisions."""
+    either side of the taps' loop) are decisions.
+
+    ``per_stripe``: a consumer block of the columns computed per stripe, by the task that computed
+    the stripe, right after it (fixed tiles only). Returns whether it was."""
     _sampling(sch, lanes, sampled=sampled)
     transpose = sch.get_sblock("input_channels_last")
     n, i, c = sch.get_loops(transpose)
@@ -92,7 +98,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
         # A tile of channels would straddle two offset groups (other corners): per row.
         sch.parallel(sch.fuse(n, c, k))
         sch.vectorize(sch.split(p, [None, lanes])[1])
-        return
+        return False
     tile = column_tile(geo, lanes)
     c_outer, c_inner = sch.split(c, [None, tile])
     p_outer, p_inner = sch.split(p, [None, lanes])
@@ -107,7 +113,8 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
         # for every channel tile in a row (measured: sampling 5-20% faster than channel tiles
         # outside).
         sch.reorder(n, p_outer, k, c_outer, p_inner, c_inner)
-        sch.parallel(sch.fuse(n, p_outer))
+        stripe = sch.fuse(n, p_outer)
+        sch.parallel(stripe)
     tile_block = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(tile_block, c_outer)
     # Columns stored in stripes of one pixel vector, (N, P'/lanes, C, K, lanes): the GEMM then
@@ -115,10 +122,12 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
     # another cache line, half of it used. Measured here (GEMMs alone, interleaved): 9% faster at
     # 512 channels x 56 pixels, 7-8% at 128 x 784, equal at 256 x 208.
     sch.transform_layout(tile_block, ("write", 0), column_stripes(lanes))
+    if per_stripe is not None and not sampled:
+        sch.reverse_compute_at(sch.get_sblock(per_stripe), stripe)
     sch.unroll(p_inner)
     sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
     tile_rows, tile_pixels = sch.get_loops(tile_block)[-2:]
-    if geo.dtype == "float32" and tile % cpu_transpose.TILE == 0 and lanes % cpu_transpose.TILE == 0:
+    if geo.compute_dtype == "float32" and tile % cpu_transpose.TILE == 0 and lanes % cpu_transpose.TILE == 0:
         # The tile pixel-major (each vector over channels a row), stored transposed by shuffles,
         # 8 x 8 at a time (a 16 x 16 tile of AVX-512: four, on the 256-bit halves of its rows):
         # left to itself, LLVM moves the tile through the stack element by element.
@@ -128,19 +137,22 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
             pixel_blocks, tile_pixels = sch.split(tile_pixels, [None, cpu_transpose.TILE])
             sch.reorder(row_blocks, pixel_blocks, tile_rows)
         sch.tensorize(tile_rows, cpu_transpose.register())
-        return
+        return per_stripe is not None and not sampled
     sch.unroll(tile_rows)
     sch.vectorize(tile_pixels)  # stored along pixels: LLVM's own transposition
+    return per_stripe is not None and not sampled
 
 
-def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False) -> None:
-    """The forward's sampling and im2col stages, in the workload's column formulation."""
+def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False,
+                    per_stripe: Optional[str] = None) -> bool:
+    """The forward's sampling and im2col stages, in the workload's column formulation;
+    ``per_stripe`` as in ``_channels_last_columns`` (returns whether it was computed so)."""
     from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, columns_formulation
 
     if columns_formulation(workload) == COLUMNS_GATHER:
         _columns(sch, lanes, sampled=sampled)
-    else:
-        _channels_last_columns(sch, geo, lanes, sampled=sampled)
+        return False
+    return _channels_last_columns(sch, geo, lanes, sampled=sampled, per_stripe=per_stripe)
 
 
 @register("llvm", "deform_conv2d")
@@ -152,15 +164,38 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     forward every stage's: the sampling stages' vector width and parallel split, the columns'
     stripes per task and tap / channel-tile order, the GEMM's register tile, vector width, task
     shape and loop order (``blocked_gemm``)."""
+    from tvm_dcn.ops.deform_conv import GEMM_BF16_DOT
+
     geo, lanes = geometry(workload, target)
     # Output (and bias) from the GEMM's registers where no tile reaches into the pixel padding.
     epilogue = "output" if geo.padded_pixels == geo.pixels else None
-    forward_columns(sch, workload, geo, lanes, sampled=sampled)
+    dot = None
+    if geo.gemm == GEMM_BF16_DOT:
+        _pair_columns(sch, workload, geo, lanes, sampled=sampled)
+        dot = cpu_bf16.register()
+    else:
+        forward_columns(sch, workload, geo, lanes, sampled=sampled)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
-                 registers=vector_registers(target), epilogue=epilogue)
+                 registers=vector_registers(target), epilogue=epilogue, dot=dot)
     if epilogue is None:
         parallel_rows(sch, "output")
+
+
+def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False) -> None:
+    """The float32 columns as in the float32 forward, then rounded to bfloat16 into their pairs
+    (``ops.deform_conv.pair_columns``), one vector of 16 pixels per row. Where the columns are
+    computed in stripes of one pixel vector, each stripe is paired right after it is computed, by
+    the same task (while it is in cache); else parallel over pixel vectors and pairs of rows."""
+    if forward_columns(sch, workload, geo, lanes, sampled=sampled, per_stripe="deform_col_pairs"):
+        rows, t, lane = sch.get_loops(sch.get_sblock("deform_col_pairs"))[-3:]
+    else:
+        n, v, r2, t, lane = sch.get_loops(sch.get_sblock("deform_col_pairs"))
+        rows = sch.fuse(n, v, r2)
+        sch.parallel(rows)
+    cpu_bf16.import_into(sch, rows)  # the GEMM's dot product (linked once per kernel)
+    sch.unroll(t)
+    sch.vectorize(lane)
 
 
 @register("llvm", "deform_conv2d_backward_data")

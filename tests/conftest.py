@@ -211,7 +211,9 @@ ATOL_SCALE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-5, t
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None,
-                   what: str = "") -> None:
+                   what: str = "", extra: Optional[torch.Tensor] = None) -> None:
+    """``actual`` (of ``dtype``) within the dtype's tolerance of ``expected``, plus ``extra`` (an
+    elementwise allowance, e.g. ``columns_rounding_bound``) where given."""
     dtype = dtype or actual.dtype
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype} != {dtype}"
@@ -221,7 +223,7 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional
     atol = ATOL_SCALE[dtype] * scale
     rtol = RTOL[dtype]
     err = (act - exp).abs()
-    bound = atol + rtol * exp.abs()
+    bound = atol + rtol * exp.abs() + (0 if extra is None else extra)
     bad = ~(err <= bound)  # also catches NaN
     if bad.any():
         idx = tuple(bad.nonzero()[0].tolist())
@@ -229,6 +231,25 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional
             f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance (rtol={rtol}, atol={atol:.3g}); "
             f"max abs err {err.nan_to_num(float('inf')).max().item():.3g}, max |expected| {scale:.3g}; "
             f"first at {idx}: got {act[idx].item()!r}, expected {exp[idx].item()!r}")
+
+
+def columns_rounding_bound(input, offset, weight, mask=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """The error a bfloat16 forward adds where it multiplies with AVX512-BF16's dot product: each
+    column value is rounded to bfloat16 (relative error at most 2**-9), so an output moves by at
+    most 2**-9 x sum |weight| |column|: the deformable convolution of |input| and |weight| (bilinear
+    weights and mask are non-negative), in float64. Zero where the forward does not use it (other
+    dtypes, a host without avx512bf16, a reduction that does not pair up)."""
+    from tvm_dcn.cpu_isa import vector_unit  # noqa: PLC0415
+    from tvm_dcn.ops.deform_conv import bf16_dot_applies, forward_workload  # noqa: PLC0415
+
+    kh, kw = weight.shape[2:]
+    wl = forward_workload(batch=1, in_channels=input.shape[1], height=1, width=1, out_channels=weight.shape[0],
+                          kernel_size=(kh, kw), groups=input.shape[1] // weight.shape[1], dtype="bfloat16")
+    if input.dtype != torch.bfloat16 or not vector_unit(tvm_dcn.host_target()).bf16_dot or not bf16_dot_applies(wl):
+        return torch.zeros(())
+    magnitude = reference_deform_conv2d(input.double().abs(), offset.double(), weight.double().abs(), None, stride,
+                                        padding, dilation, None if mask is None else mask.double())
+    return 2 ** -9 * magnitude
 
 
 def reference_deform_conv2d_autograd(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,

@@ -17,12 +17,14 @@ X86_ISA_ORDER = (("avx512", ("avx512f", "avx512bw", "avx512vl")), ("avx2", ("avx
 @dataclass(frozen=True)
 class CpuVectorUnit:
     """The SIMD unit an LLVM target generates code for, as the CPU schedules size their tiles by:
-    ``isa`` (as in target tags), ``vector_bits`` (width of one vector register) and ``registers``
-    (architectural vector registers)."""
+    ``isa`` (as in target tags), ``vector_bits`` (width of one vector register), ``registers``
+    (architectural vector registers) and ``bf16_dot`` (AVX512-BF16's ``vdpbf16ps``: pairs of
+    bfloat16 products summed into float32 lanes)."""
 
     isa: str
     vector_bits: int
     registers: int
+    bf16_dot: bool = False
 
     def lanes(self, dtype: str) -> int:
         """Elements of ``dtype`` in one vector register."""
@@ -39,14 +41,16 @@ _vector_units: dict[int, tuple[tvm.target.Target, CpuVectorUnit]] = {}
 def vector_unit(target: tvm.target.Target) -> CpuVectorUnit:
     """The SIMD unit of an LLVM ``target`` from its triple, CPU and attributes (``mtriple``,
     ``mcpu``, ``mattr``; no triple: this host's architecture): AVX-512 (avx512f): 512-bit x 32
-    registers; AVX2 / AVX: 256 x 16; SSE: 128 x 16; AArch64 NEON and SVE: 128 x 32."""
+    registers (with ``bf16_dot`` where it has avx512bf16); AVX2 / AVX: 256 x 16; SSE: 128 x 16;
+    AArch64 NEON and SVE: 128 x 32."""
     entry = _vector_units.get(id(target))
     if entry is not None and entry[0] is target:
         return entry[1]
     if target.kind.name != "llvm":
         raise ValueError(f"target: {target.kind.name!r} is not a CPU (llvm) target")
     isa = _target_isa(target)
-    unit = CpuVectorUnit(isa, *_VECTOR_UNITS[isa])
+    bf16_dot = isa == "avx512" and bool(tvm.get_global_func("target.llvm_cpu_has_feature")("avx512bf16", target))
+    unit = CpuVectorUnit(isa, *_VECTOR_UNITS[isa], bf16_dot=bf16_dot)
     if len(_vector_units) > 64:
         _vector_units.clear()
     _vector_units[id(target)] = (target, unit)

@@ -29,9 +29,11 @@ runs on cold caches here, so each one counts: measured side by side, each call r
 layer's offset convolution, the direct call took 0.23-0.30 ms less than validation plus the
 operator (ResNet-50 DCN layers, two runs).
 
-Half precision: bfloat16 and float16 tensors run the float32 kernels (there are no half-precision
-kernels): the operators convert them to float32 once, compute and accumulate in float32 and return
-results and gradients in the half dtype (``kernel_dtype``). ``torch.autocast``: the forward
+Half precision: on the CPU the forward has bfloat16 and float16 kernels of its own: half tensors
+in and out, sampling, bilinear sums and GEMM accumulation in float32; bfloat16 on a CPU with
+AVX512-BF16 multiplies in its GEMM with ``vdpbf16ps`` (the columns rounded to bfloat16 once). The
+gradients, and every kernel on CUDA, run in float32: the operators convert half tensors to
+float32 once and return results and gradients in the half dtype (``kernel_dtype``). ``torch.autocast``: the forward
 operators have AutocastCPU and AutocastCUDA kernels (:func:`implements_autocast`), deform_conv2d
 with ``conv2d``'s rule (floating-point arguments cast to the autocast dtype), the RoI family with
 torchvision's (float32 compute, results in the input's dtype); the functions apply the same rules
@@ -266,10 +268,10 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     return torch.ops.tvm_dcn.deform_conv2d_forward(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
-def _workload(input, offset, weight, bias, mask, stride, padding, dilation):
-    """The forward workload of a validated call."""
+def _workload(input, offset, weight, bias, mask, stride, padding, dilation, dtype: Optional[torch.dtype] = None):
+    """The forward workload of a validated call, in ``dtype`` (default: ``kernel_dtype``)."""
     return _forward_workload(tuple(input.shape), tuple(weight.shape), offset.shape[1], tuple(stride), tuple(padding),
-                             tuple(dilation), mask is not None, bias is not None, kernel_dtype(input.dtype))
+                             tuple(dilation), mask is not None, bias is not None, dtype or kernel_dtype(input.dtype))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -353,19 +355,23 @@ class _ForwardPlan(NamedTuple):
     kernel: _kernel.Kernel
     output_shape: tuple
     result_shape: tuple
+    kernel_dtype: torch.dtype
 
 
 def _forward_plan(input, offset, weight, bias, mask, stride, padding, dilation) -> _ForwardPlan:
     """Compiles (or fetches) the forward kernel of a validated, non-empty call."""
     batch, out_channels = input.shape[0], weight.shape[0]
     out_h, out_w = offset.shape[2:]
-    kern = _kernel.compile(_workload(input, offset, weight, bias, mask, stride, padding, dilation),
+    # On the CPU half tensors have forward kernels of their own (float32 arithmetic; AVX512-BF16's
+    # dot product in the GEMM where the target has it); elsewhere they run the float32 kernel.
+    dtype = input.dtype if input.device.type == "cpu" else kernel_dtype(input.dtype)
+    kern = _kernel.compile(_workload(input, offset, weight, bias, mask, stride, padding, dilation, dtype),
                            device_target(input.device))
-    return _ForwardPlan(kern, (batch, out_channels, out_h * out_w), (batch, out_channels, out_h, out_w))
+    return _ForwardPlan(kern, (batch, out_channels, out_h * out_w), (batch, out_channels, out_h, out_w), dtype)
 
 
 def _run_forward(plan: _ForwardPlan, input, offset, weight, bias, mask) -> torch.Tensor:
-    if input.dtype in HALF_DTYPES:  # the float32 kernel (kernel_dtype), the result in the half dtype
+    if input.dtype != plan.kernel_dtype:  # the float32 kernel (kernel_dtype), the result in the half dtype
         return _run_forward(plan, *(_float32(t) for t in (input, offset, weight, bias, mask))).to(input.dtype)
     args = [_flat(input, input.shape[1]), _flat(offset, offset.shape[1])]
     if mask is not None:

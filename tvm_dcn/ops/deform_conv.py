@@ -69,6 +69,14 @@ _OUTSIDE = -2
 # Forward column formulations (workload parameter ``columns``; absent: chosen by the sizes).
 COLUMNS_GATHER = "gather"
 COLUMNS_CHANNELS_LAST = "channels_last"
+# Storage dtypes whose arithmetic runs in float32 (sampling, bilinear sums, GEMM accumulation).
+HALF_DTYPES = ("bfloat16", "float16")
+# The forward GEMM of a bfloat16 workload with ``gemm=GEMM_BF16_DOT``: the columns stored as
+# bfloat16 pairs of consecutive reduction rows, multiplied by pairs of weights and summed into
+# float32 accumulators by AVX512-BF16's ``vdpbf16ps`` (32 products per instruction where FMA does 16).
+GEMM_BF16_DOT = "avx512_bf16"
+# Pixels of one pair-column vector (one vector of float32 accumulators).
+DOT_LANES = 16
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -123,12 +131,39 @@ def padded_pixels(pixels: int, align: int = SPATIAL_ALIGN) -> int:
 
 
 def cpu_params(wl: Workload, target) -> dict:
-    """Parameters of the forward's CPU formulation for ``target``: ``pixel_align``, the float
-    lanes of one vector register where these are more than ``SPATIAL_ALIGN`` (AVX-512: 16
-    float32), so that P' holds whole vectors; absent (``SPATIAL_ALIGN``) elsewhere, which keeps
-    AVX2's PrimFuncs, and the tuning records matched by their structural hash, as they are."""
-    lanes = vector_unit(target).lanes(wl.dtype)
-    return {"pixel_align": lanes} if lanes > SPATIAL_ALIGN else {}
+    """Parameters of the forward's CPU formulation for ``target``: ``pixel_align``, the lanes of
+    one vector register of the arithmetic's dtype (float32 for the half dtypes) where these are
+    more than ``SPATIAL_ALIGN`` (AVX-512: 16 float32), so that P' holds whole vectors; absent
+    (``SPATIAL_ALIGN``) elsewhere, which keeps AVX2's PrimFuncs, and the tuning records matched by
+    their structural hash, as they are. A bfloat16 workload on a target with AVX512-BF16 whose
+    reduction pairs up (``bf16_dot_applies``) also gets ``gemm=GEMM_BF16_DOT``."""
+    unit = vector_unit(target)
+    lanes = unit.lanes(compute_dtype(wl.dtype))
+    params = {"pixel_align": lanes} if lanes > SPATIAL_ALIGN else {}
+    if unit.bf16_dot and bf16_dot_applies(wl):
+        params = {"pixel_align": DOT_LANES, "gemm": GEMM_BF16_DOT}
+    return params
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype the arithmetic of a ``dtype`` workload runs in: float32 for the half dtypes."""
+    return "float32" if dtype in HALF_DTYPES else dtype
+
+
+def bf16_dot_applies(wl: Workload) -> bool:
+    """Whether the forward ``wl`` can take ``gemm=GEMM_BF16_DOT``: bfloat16, and an even number
+    of reduction rows per group (the dot product takes them in pairs)."""
+    if wl.op != FORWARD or wl.dtype != "bfloat16":
+        return False
+    kh, kw = wl["kernel_size"]
+    return (wl["in_channels"] // wl["groups"]) * kh * kw % 2 == 0
+
+
+def _as(value, dtype: str):
+    """``value`` cast to ``dtype`` where it has another (float32 and float64 definitions stay as
+    they are, and so do the PrimFuncs tuning records are matched by)."""
+    own = value.dtype if hasattr(value, "dtype") else str(value.ty)  # a load has dtype, arithmetic ty
+    return value if own == dtype else value.astype(dtype)
 
 
 class ConvGeometry:
@@ -148,6 +183,8 @@ class ConvGeometry:
         self.with_mask = wl["with_mask"]
         self.with_bias = wl.get("with_bias", False)
         self.dtype = wl.dtype
+        # Sampling, bilinear sums and GEMM accumulators: float32 for the half dtypes.
+        self.compute_dtype = compute_dtype(wl.dtype)
         self.out_h = output_size(self.height, self.kernel_h, self.stride_h, self.pad_h, self.dil_h)
         self.out_w = output_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
         self.taps = self.kernel_h * self.kernel_w
@@ -161,6 +198,14 @@ class ConvGeometry:
         self.group_out_channels = self.out_channels // self.groups
         self.channels_per_offset_group = self.in_channels // self.offset_groups
         self.reduction = self.group_in_channels * self.taps
+        self.gemm = wl.get("gemm")
+        if self.gemm is not None:
+            if self.gemm != GEMM_BF16_DOT or not bf16_dot_applies(wl):
+                raise ValueError(f"workload {wl.op}: gemm must be absent or {GEMM_BF16_DOT!r} (a bfloat16 forward with "
+                                 f"an even number of reduction rows per group), got {self.gemm!r}")
+            if self.pixel_align % DOT_LANES:
+                raise ValueError(f"workload {wl.op}: gemm={GEMM_BF16_DOT!r} needs pixel_align a multiple of "
+                                 f"{DOT_LANES}, got {self.pixel_align}")
 
 
 def sample_coordinates(geo: ConvGeometry, offset: te.Tensor) -> te.Tensor:
@@ -172,7 +217,7 @@ def sample_coordinates(geo: ConvGeometry, offset: te.Tensor) -> te.Tensor:
     torchvision exactly: zero value outside (-1, H) x (-1, W), and its one-sided coordinate
     gradients on the border. The sentinel also keeps float->int conversions of huge values defined.
     """
-    dtype = geo.dtype
+    dtype = geo.compute_dtype
     K, P = geo.taps, geo.pixels
 
     def coord(n, g, k, axis, p):
@@ -180,8 +225,8 @@ def sample_coordinates(geo: ConvGeometry, offset: te.Tensor) -> te.Tensor:
         oh, ow = p_in // geo.out_w, p_in % geo.out_w
         ki, kj = k // geo.kernel_w, k % geo.kernel_w
         channel = (g * K + k) * 2
-        y = (oh * geo.stride_h - geo.pad_h + ki * geo.dil_h).astype(dtype) + offset[n, channel, p_in]
-        x = (ow * geo.stride_w - geo.pad_w + kj * geo.dil_w).astype(dtype) + offset[n, channel + 1, p_in]
+        y = (oh * geo.stride_h - geo.pad_h + ki * geo.dil_h).astype(dtype) + _as(offset[n, channel, p_in], dtype)
+        x = (ow * geo.stride_w - geo.pad_w + kj * geo.dil_w).astype(dtype) + _as(offset[n, channel + 1, p_in], dtype)
         # Positive comparisons, so that NaN (every comparison false) takes the sentinel too.
         valid = tirx.all(p < P, y > -2, y < geo.height + 1, x > -2, x < geo.width + 1)
         return te.if_then_else(valid, te.if_then_else(axis == 0, y, x), tirx.const(_OUTSIDE, dtype))
@@ -201,8 +246,8 @@ class BilinearCorner:
         self.frac_y, self.frac_x = y - y0, x - x0
         self.in_bounds = tirx.all(row >= 0, row < geo.height, col >= 0, col < geo.width)
         self.flat_index = row * geo.width + col
-        self.one = tirx.const(1, geo.dtype)
-        self.zero = tirx.const(0, geo.dtype)
+        self.one = tirx.const(1, geo.compute_dtype)
+        self.zero = tirx.const(0, geo.compute_dtype)
 
     def weight_y(self):
         return te.if_then_else(self.dy == 1, self.frac_y, self.one - self.frac_y)
@@ -233,7 +278,7 @@ def corner_weights(geo: ConvGeometry, sample: te.Tensor, mask: te.Tensor | None)
         corner = BilinearCorner(geo, sample, n, g, k, q, p)
         w = corner.weight_y() * corner.weight_x()
         if mask is not None:
-            w = w * mask[n, g * K + k, te.min(p, P - 1)]
+            w = w * _as(mask[n, g * K + k, te.min(p, P - 1)], geo.compute_dtype)
         return corner.masked(w)
 
     shape = (geo.batch, geo.offset_groups, K, 4, geo.padded_pixels)
@@ -254,15 +299,16 @@ def deformable_columns(geo: ConvGeometry, data: te.Tensor, corner_index: te.Tens
     def sample(n, row, p):
         c, k = row // K, row % K
         g = c // geo.channels_per_offset_group
-        return sum(corner_weight[n, g, k, q, p] * data[n, c, corner_index[n, g, k, q, p]] for q in range(4))
+        return sum(corner_weight[n, g, k, q, p] * _as(data[n, c, corner_index[n, g, k, q, p]], geo.compute_dtype)
+                   for q in range(4))
 
     return te.compute((geo.batch, geo.in_channels * K, geo.padded_pixels), sample, name="deform_col")
 
 
 def channels_last(geo: ConvGeometry, data: te.Tensor) -> te.Tensor:
-    """(N, H*W, C): the input with its channels innermost."""
-    return te.compute((geo.batch, geo.height * geo.width, geo.in_channels), lambda n, i, c: data[n, c, i],
-                      name="input_channels_last")
+    """(N, H*W, C): the input with its channels innermost (in the arithmetic's dtype)."""
+    return te.compute((geo.batch, geo.height * geo.width, geo.in_channels),
+                      lambda n, i, c: _as(data[n, c, i], geo.compute_dtype), name="input_channels_last")
 
 
 def channel_major_columns(geo: ConvGeometry, data_channels_last: te.Tensor, corner_index: te.Tensor,
@@ -318,37 +364,91 @@ class Placeholders:
 
 def forward_gemm(geo: ConvGeometry, weight: te.Tensor, columns: te.Tensor) -> te.Tensor:
     """Stage 4: (N, Cout, P') weight x columns per group, for either column layout: (N, C*K, P')
-    (gather) or (N, C, K, P') (channels-last; the reduction then runs over channel and tap)."""
+    (gather) or (N, C, K, P') (channels-last; the reduction then runs over channel and tap). In
+    the arithmetic's dtype (a half weight is widened to float32)."""
     if len(columns.shape) == 4:
         rc = te.reduce_axis((0, geo.group_in_channels), name="rc")
         rk = te.reduce_axis((0, geo.taps), name="rk")
         return te.compute(
             (geo.batch, geo.out_channels, geo.padded_pixels),
             lambda n, co, p: te.sum(
-                weight[co, rc * geo.taps + rk]
+                _as(weight[co, rc * geo.taps + rk], geo.compute_dtype)
                 * columns[n, (co // geo.group_out_channels) * geo.group_in_channels + rc, rk, p], axis=[rc, rk]),
             name="gemm")
     r = te.reduce_axis((0, geo.reduction), name="r")
     return te.compute(
         (geo.batch, geo.out_channels, geo.padded_pixels),
         lambda n, co, p: te.sum(
-            weight[co, r] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=r),
+            _as(weight[co, r], geo.compute_dtype) * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p],
+            axis=r),
+        name="gemm")
+
+
+def bfloat16_bits(value):
+    """The bfloat16 nearest a float32 ``value`` (ties to even; NaN stays a quiet NaN) as its
+    uint16 bit pattern. Bit patterns, not bfloat16 values: TVM widens intermediate bfloat16
+    buffers to float32, and the dot product needs the 16-bit layout."""
+    bits = tirx.reinterpret("uint32", value)
+    rounded = (bits + tirx.const(0x7FFF, "uint32") + ((bits >> tirx.const(16, "uint32")) & tirx.const(1, "uint32"))) \
+        >> tirx.const(16, "uint32")
+    return te.if_then_else(value != value, tirx.const(0x7FC0, "uint16"), rounded.astype("uint16"))
+
+
+def bfloat16_value(bits):
+    """The float32 value of a bfloat16 uint16 bit pattern ``bits`` (exact)."""
+    return tirx.reinterpret("float32", bits.astype("uint32") << tirx.const(16, "uint32"))
+
+
+def pair_columns(geo: ConvGeometry, columns: te.Tensor) -> te.Tensor:
+    """Stage 3 of the ``gemm=GEMM_BF16_DOT`` forward: (N, P'/16, C*K/2, 2, 16), the columns (either
+    layout) rounded to bfloat16 (uint16 bit patterns, ``bfloat16_bits``), per vector of 16 pixels
+    the rows in pairs: row 2*r2 + t of pixel 16*v + l at [n, v, r2, t, l]. ``vdpbf16ps`` multiplies
+    a pair of rows (interleaved in registers) by a pair of consecutive weights (one 32-bit
+    broadcast: the weight as given)."""
+    K = geo.taps
+
+    def value(n, v, r2, t, l):
+        row, p = 2 * r2 + t, v * DOT_LANES + l
+        return bfloat16_bits(columns[n, row // K, row % K, p] if len(columns.shape) == 4 else columns[n, row, p])
+
+    shape = (geo.batch, geo.padded_pixels // DOT_LANES, geo.in_channels * K // 2, 2, DOT_LANES)
+    return te.compute(shape, value, name="deform_col_pairs")
+
+
+def pair_gemm(geo: ConvGeometry, weight: te.Tensor, pairs: te.Tensor) -> te.Tensor:
+    """Stage 4 of the ``gemm=GEMM_BF16_DOT`` forward: (N, Cout, P') float32, the bfloat16 weight
+    times the paired columns (``pair_columns``), products and sums in float32, per group."""
+    half = geo.reduction // 2
+    r2 = te.reduce_axis((0, half), name="r2")
+    t = te.reduce_axis((0, 2), name="rt")
+    return te.compute(
+        (geo.batch, geo.out_channels, geo.padded_pixels),
+        lambda n, co, p: te.sum(
+            weight[co, 2 * r2 + t].astype("float32")
+            * bfloat16_value(pairs[n, p // DOT_LANES, (co // geo.group_out_channels) * half + r2, t, p % DOT_LANES]),
+            axis=[r2, t]),
         name="gemm")
 
 
 @register(FORWARD, gpu_params={"columns": COLUMNS_GATHER}, cpu_params=cpu_params)
 def build_forward(wl: Workload) -> OperatorDef:
-    """Kernel arguments: input, offset, [mask], weight, [bias] -> output (N, Cout, P)."""
+    """Kernel arguments: input, offset, [mask], weight, [bias] -> output (N, Cout, P), all of the
+    workload's dtype (half dtypes: sampling, sums and the output's GEMM in float32, the output
+    rounded once)."""
     geo = ConvGeometry(wl)
     t = Placeholders(geo, geo.with_bias)
     corner_index, corner_weight = sampling_stages(geo, t.offset, t.mask)
     columns = forward_columns(wl, geo, t.data, corner_index, corner_weight)
-    gemm = forward_gemm(geo, t.weight, columns)
+    if geo.gemm == GEMM_BF16_DOT:
+        gemm = pair_gemm(geo, t.weight, pair_columns(geo, columns))
+    else:
+        gemm = forward_gemm(geo, t.weight, columns)
     if t.bias is None:
-        out = te.compute((geo.batch, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p],
+        out = te.compute((geo.batch, geo.out_channels, geo.pixels), lambda n, co, p: _as(gemm[n, co, p], geo.dtype),
                          name="output")
     else:
-        out = te.compute((geo.batch, geo.out_channels, geo.pixels), lambda n, co, p: gemm[n, co, p] + t.bias[co],
+        out = te.compute((geo.batch, geo.out_channels, geo.pixels),
+                         lambda n, co, p: _as(gemm[n, co, p] + _as(t.bias[co], geo.compute_dtype), geo.dtype),
                          name="output")
     args = t.sampling_args() + [t.weight] + ([t.bias] if t.bias is not None else [])
     return OperatorDef(args + [out])
@@ -478,11 +578,18 @@ def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tens
                      name="grad_input")
 
 
+def _check_backward_dtype(wl: Workload) -> None:
+    if wl.dtype in HALF_DTYPES:
+        raise ValueError(f"workload {wl.op}: the backward kernels are defined for float32 and float64, got "
+                         f"{wl.dtype} (the PyTorch bridge runs half-precision gradients through the float32 kernels)")
+
+
 @register(BACKWARD_DATA, scatter=lambda wl: wl["need_input"])
 def build_backward_data(wl: Workload) -> OperatorDef:
     """Kernel arguments: grad_output, input, offset, [mask], weight ->
     [grad_input (N, C, H*W)] if need_input, [grad_offset, [grad_mask]] if need_sampling."""
     geo = ConvGeometry(wl)
+    _check_backward_dtype(wl)
     t = Placeholders(geo, with_bias=False)
     sample = sample_coordinates(geo, t.offset)
     corner_index = corner_indices(geo, sample)
@@ -504,6 +611,7 @@ def build_backward_weight(wl: Workload) -> OperatorDef:
     """Kernel arguments: grad_output, input, offset, [mask] ->
     [grad_weight (Cout, C/groups*K)] if need_weight, [grad_bias (Cout,)] if with_bias."""
     geo = ConvGeometry(wl)
+    _check_backward_dtype(wl)
     t = Placeholders(geo, with_bias=False)
     outputs = []
     if wl["need_weight"]:

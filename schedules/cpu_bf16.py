@@ -1,0 +1,78 @@
+"""AVX512-BF16's dot product as a tensor intrinsic: ``vdpbf16ps`` multiplies a pair of bfloat16
+weights (one 32-bit broadcast) by 16 pairs of bfloat16 column values and adds both products of
+each pair to one of 16 float32 accumulators: 32 multiply-adds per instruction, where a float32
+FMA does 16. The columns come as two rows of 16 uint16 bit patterns (``ops.deform_conv.pair_columns``:
+TVM widens intermediate bfloat16 buffers to float32), interleaved in registers by one shuffle.
+
+TVM's own lowering widens every bfloat16 value to float32 and stores bfloat16 as 16-bit integers,
+and LLVM's ``llvm.x86.avx512bf16.dpbf16ps.512`` takes ``<32 x bfloat>`` vectors, which TIR cannot
+name. So the intrinsic passes the operands as 32-bit integer vectors (bit patterns, reinterpreted)
+to a small LLVM function that bitcasts them and calls the instruction; the kernel imports that
+function (``import_llvm``) and LLVM inlines it.
+"""
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+DOT_16X2_BF16 = "tvm_dcn_dot_16x2_bf16"
+# Float32 accumulators (pixels) of one dot product, and the bfloat16 pair each one sums.
+LANES = 16
+_FUNCTION = "tvm_dcn_dpbf16ps_512"
+# The column operand comes as two rows of 16 (pixels of row 2r, then of row 2r + 1); the
+# instruction wants the pair of each pixel side by side: (row 2r, pixel l) at element 2l.
+_INTERLEAVE = ", ".join(f"i32 {(i // 2) + 16 * (i % 2)}" for i in range(32))
+# The kernel imports this module (``import_llvm``); linkonce_odr: several imports into one kernel
+# merge, and once inlined the function is dropped.
+LLVM_IR = f"""
+define linkonce_odr hidden <16 x float> @{_FUNCTION}(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) #0 {{
+  %ab = bitcast <16 x i32> %a to <32 x bfloat>
+  %rows = bitcast <16 x i32> %b to <32 x bfloat>
+  %bb = shufflevector <32 x bfloat> %rows, <32 x bfloat> poison, <32 x i32> <{_INTERLEAVE}>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %ab, <32 x bfloat> %bb)
+  ret <16 x float> %r
+}}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+attributes #0 = {{ alwaysinline nounwind }}
+"""
+
+
+@T.prim_func(s_tir=True)
+def _dot_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
+    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
+    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 2):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.cast(A[vk], "float32") * T.reinterpret(
+                    "float32", T.shift_left(T.cast(B[vk, vi], "uint32"), T.uint32(16)))
+
+
+@T.prim_func(s_tir=True)
+def _dot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
+    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
+    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_extern(
+            "float32x16", _FUNCTION, C.vload([0], "float32x16"),
+            T.broadcast(T.reinterpret(A.vload([0], "bfloat16x2"), dtype="int32"), 16),
+            T.reinterpret(B.vload([0, 0], "uint16x32"), dtype="int32x16"))
+
+
+def register() -> str:
+    """Register the intrinsic (once per process; a replayed trace names it) and return its name."""
+    if TensorIntrin.get(DOT_16X2_BF16, allow_missing=True) is None:
+        TensorIntrin.register(DOT_16X2_BF16, _dot_desc, _dot_impl)
+    return DOT_16X2_BF16
+
+
+def import_into(sch, loop) -> None:
+    """Make the kernel containing ``loop`` define the intrinsic's LLVM function."""
+    sch.annotate(loop, "pragma_import_llvm", LLVM_IR)

@@ -1,0 +1,120 @@
+"""The CPU forward's half-precision kernels (bfloat16 and float16 tensors in and out, float32
+arithmetic) and AVX512-BF16's dot product in the bfloat16 GEMM.
+
+Which formulation a workload gets is read from the target (built for named CPUs, so these run on
+any x86 host); running the dot-product kernel needs a host with avx512bf16 (skipped elsewhere,
+with the reason). Its results are checked against the float64 reference on the same bfloat16
+inputs, within what it rounds: each column value to bfloat16 (``conftest.columns_rounding_bound``)
+and the output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import tvm
+
+import tvm_dcn
+from conftest import assert_matches, columns_rounding_bound, reference_deform_conv2d
+from tvm_dcn import kernel, ops
+from tvm_dcn.cpu_isa import vector_unit
+from tvm_dcn.ops.deform_conv import GEMM_BF16_DOT, forward_workload
+
+SAPPHIRE_RAPIDS = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}  # AVX-512 with avx512bf16
+SKYLAKE_X = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}  # AVX-512 without it
+ZEN3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2
+
+HOST_HAS_DOT = vector_unit(tvm_dcn.host_target()).bf16_dot
+needs_dot = pytest.mark.skipif(not HOST_HAS_DOT, reason="this CPU has no AVX512-BF16 (vdpbf16ps)")
+
+
+def _workload(dtype="bfloat16", in_channels=32, groups=1, size=(9, 7), stride=1, offset_groups=1, out_channels=24):
+    return forward_workload(batch=2, in_channels=in_channels, height=size[0], width=size[1], out_channels=out_channels,
+                            kernel_size=(3, 3), stride=(stride, stride), padding=(1, 1), groups=groups,
+                            offset_groups=offset_groups, with_mask=True, with_bias=True, dtype=dtype)
+
+
+def test_formulation_follows_the_target():
+    bf16 = ops.for_target(_workload(), tvm.target.Target(SAPPHIRE_RAPIDS))
+    assert bf16["gemm"] == GEMM_BF16_DOT and bf16["pixel_align"] == 16
+    without = ops.for_target(_workload(), tvm.target.Target(SKYLAKE_X))
+    assert without.get("gemm") is None and without["pixel_align"] == 16
+    assert ops.for_target(_workload(), tvm.target.Target(ZEN3)).get("gemm") is None
+    # float32 and float16 never take it; nor does a reduction that does not pair up (1 x 3 x 3).
+    for wl in (_workload("float32"), _workload("float16"), _workload(in_channels=2, groups=2)):
+        assert ops.for_target(wl, tvm.target.Target(SAPPHIRE_RAPIDS)).get("gemm") is None
+
+
+def test_bad_gemm_parameter_is_refused_by_name():
+    wl = _workload()
+    for dtype, params in (("bfloat16", {"gemm": "amx"}), ("float32", {"gemm": GEMM_BF16_DOT}),
+                          ("bfloat16", {"gemm": GEMM_BF16_DOT, "in_channels": 3})):
+        bad = type(wl).make(wl.op, dtype, **{**dict(wl.params), **params})
+        with pytest.raises(ValueError, match="gemm"):
+            ops.primfunc(bad)
+
+
+def test_dot_kernel_is_built_with_vdpbf16ps():
+    target = tvm.target.Target(SAPPHIRE_RAPIDS)
+    with kernel.forced_schedule("hand"):
+        dot = kernel.compile(_workload(), target, use_disk_cache=False)
+        single = kernel.compile(_workload("float32"), target, use_disk_cache=False)
+    assert dot.workload["gemm"] == GEMM_BF16_DOT
+    assert "vdpbf16ps" in dot.source("asm")
+    assert "vdpbf16ps" not in single.source("asm")
+
+
+def _inputs(wl, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    geo = ops.deform_conv.ConvGeometry(wl)
+    oh, ow = geo.out_h, geo.out_w
+    taps = 9 * geo.offset_groups
+    x = torch.randn(geo.batch, geo.in_channels, geo.height, geo.width, generator=g)
+    offset = torch.randn(geo.batch, 2 * taps, oh, ow, generator=g) * 2
+    mask = torch.rand(geo.batch, taps, oh, ow, generator=g)
+    weight = torch.randn(geo.out_channels, geo.group_in_channels, 3, 3, generator=g) / geo.reduction ** 0.5
+    bias = torch.randn(geo.out_channels, generator=g)
+    return [t.to(getattr(torch, wl.dtype)) for t in (x, offset, weight, bias, mask)]
+
+
+# (description, workload): channels-last columns in 16-channel stripes, gather columns (12
+# channels), two groups and two offset groups, 64 output pixels (no padding: the output written
+# from the GEMM's registers), stride 2.
+DOT_CASES = {
+    "stripes": _workload(),
+    "gather": _workload(in_channels=12, out_channels=8),
+    "groups": _workload(in_channels=32, groups=2, offset_groups=2),
+    "unpadded": _workload(size=(8, 8)),
+    "stride2": _workload(size=(13, 11), stride=2),
+}
+
+
+@needs_dot
+@pytest.mark.parametrize("name", sorted(DOT_CASES))
+def test_dot_kernel_error_is_within_the_columns_rounding(name):
+    wl = DOT_CASES[name]
+    x, offset, weight, bias, mask = _inputs(wl)
+    conv = dict(stride=wl["stride"], padding=wl["padding"])
+    out = tvm_dcn.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
+    d = [t.double() for t in (x, offset, weight, bias, mask)]
+    ref = reference_deform_conv2d(*d[:4], mask=d[4], **conv)
+    extra = columns_rounding_bound(x, offset, weight, mask=mask, **conv)
+    assert extra.any()
+    assert_matches(out, ref, torch.bfloat16, what=name, extra=extra)
+    # Not the float32 kernel in disguise: its columns are not rounded (an output differs).
+    assert not torch.equal(out, tvm_dcn.deform_conv2d(*(t.float() for t in (x, offset, weight, bias)),
+                                                       mask=mask.float(), **conv).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_kernels_without_the_dot_round_the_float32_result(dtype):
+    """float16, and bfloat16 where the dot product does not apply (here a reduction of 1 x 3 x 3
+    per group), run half kernels computing in float32 what the float32 kernel computes: equal
+    to its result, rounded once."""
+    wl = _workload(str(dtype).replace("torch.", ""), in_channels=6, groups=6, out_channels=12)
+    x, offset, weight, bias, mask = _inputs(wl, seed=1)
+    out = tvm_dcn.deform_conv2d(x, offset, weight, bias, mask=mask, padding=1)
+    single = tvm_dcn.deform_conv2d(*(t.float() for t in (x, offset, weight, bias)), mask=mask.float(), padding=1)
+    assert out.dtype == dtype
+    assert torch.equal(out, single.to(dtype))
+    wl_host = ops.for_target(wl, tvm_dcn.host_target())
+    assert wl_host.get("gemm") is None
