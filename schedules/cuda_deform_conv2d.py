@@ -25,7 +25,8 @@ def _geometry(workload):
     from tvm_dcn.ops.deform_conv import ConvGeometry
 
     geo = ConvGeometry(workload)
-    return geo, vector_width(geo.dtype)
+    # The intermediates (columns, sums) are in the arithmetic's dtype: float32 for half workloads.
+    return geo, vector_width(geo.compute_dtype)
 
 
 def _aligned(vector: int, *extents: int) -> int:
@@ -53,7 +54,8 @@ def schedule(sch, workload, target) -> None:
     _columns(sch, vector)
     tiles = gemm_tiles(group_rows=geo.group_out_channels, cols=geo.padded_pixels, reduction=geo.reduction,
                        dtype=geo.dtype)
-    weight_vector = _aligned(vector, geo.reduction, tiles.bk)
+    # The weight in its own dtype (16-byte loads: 8 half values), the columns in the arithmetic's.
+    weight_vector = _aligned(vector_width(geo.dtype), geo.reduction, tiles.bk)
     tiled_gemm(sch, sch.get_sblock("gemm"), tiles, vector_operands=(weight_vector, _aligned(vector, tiles.block_cols)),
                epilogue="output")
 

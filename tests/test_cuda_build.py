@@ -314,3 +314,42 @@ def test_precompiled_binaries_answer_tvm_compiles(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["same"] is True
     assert "no precompiled binary" in result["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Half precision: the forward of bfloat16 and float16 tensors (float32 arithmetic)
+
+HALF_FORWARD = {dtype: forward_workload(batch=2, in_channels=32, height=9, width=7, out_channels=24,
+                                        kernel_size=(3, 3), padding=(1, 1), offset_groups=2, with_mask=True,
+                                        with_bias=True, dtype=dtype)
+                for dtype in ("bfloat16", "float16")}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_FORWARD))
+def test_half_forward_emulated_matches_cpu_kernel(dtype):
+    """The CUDA schedule of a half forward (half tensors in and out, columns and accumulators in
+    float32) computes what the CPU's float32-arithmetic kernel computes (built for a plain x86-64
+    target: no AVX512-BF16 dot product), within one rounding of the half output."""
+    wl = HALF_FORWARD[dtype]
+    source, mod = kernel.scheduled_module(wl, SM90)
+    assert source == "hand"
+    emulated = tvm.compile(emu.on_cpu(mod), target=tvm_dcn.host_target())
+    args = emu.random_arguments(wl, torch.Generator().manual_seed(3))
+    expected = [a.clone() for a in args]
+    emulated["main"](*args)
+    tvm_dcn.compile(wl, {"kind": "llvm"}, use_disk_cache=False)(*expected)
+    got, want = args[-1].double(), expected[-1].double()
+    assert args[-1].dtype == getattr(torch, dtype) and not torch.isnan(got).any()
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    torch.testing.assert_close(got, want, rtol=ulp, atol=1e-5 * want.abs().max().item())
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_half_forward_builds_for_ampere_and_hopper(arch):
+    for wl in HALF_FORWARD.values():
+        built = tvm_dcn.compile(wl, {"kind": "cuda", "arch": arch}, use_disk_cache=False)
+        binary, fmt = built.cuda_binary
+        assert fmt == "fatbin" and len(binary) > 1000
+        cu = built.source("cu")
+        assert ("nv_bfloat16" if wl.dtype == "bfloat16" else "half") in cu

@@ -113,8 +113,11 @@ def _nvcc(source: str, arch: str, output_kind: str, extra=()) -> tuple[bytes, st
         cmd = [nvcc, f"--{output_kind}", "-O3", *gencode, *extra, "-o", out, src]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
+            messages = proc.stdout + proc.stderr
+            # Errors first: nvcc's warnings about TVM's unused helpers can fill any tail.
+            errors = "\n".join(line for line in messages.splitlines() if ": error" in line or "error:" in line)
             raise CudaBuildError(f"tvm_dcn: nvcc failed for {arch} (exit {proc.returncode}):\n"
-                                 f"{(proc.stdout + proc.stderr)[-4000:]}")
+                                 f"{errors[:4000]}\n--- last output:\n{messages[-2000:]}")
         return Path(out).read_bytes(), proc.stdout + proc.stderr
 
 
