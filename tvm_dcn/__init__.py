@@ -18,9 +18,14 @@ from .version import __version__  # noqa: F401
 #   tvm_dcn kernel (measured: 2.0 ms alone, 9.5 ms right after a torch conv2d). Import tvm_dcn
 #   before torch, or set OMP_WAIT_POLICY=PASSIVE yourself, to get this (README, "Threads").
 #   (Importing tvm imports torch too, through tvm_ffi: so this runs before any import.)
+# - TVM_BIND_THREADS=0: TVM pins its worker threads to cores but not the calling thread, which
+#   the OS may leave on a worker's core: the kernels then run on one core of two (measured over
+#   runs of the same benchmark: 1.0-1.3 ms per bfloat16 layer with the caller on the pinned
+#   core, 0.55-0.9 ms with it on the other); unpinned, the OS balances them.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+_os.environ.setdefault("TVM_BIND_THREADS", "0")
 if "TVM_NUM_THREADS" not in _os.environ:
     try:
         _os.environ["TVM_NUM_THREADS"] = str(len(_os.sched_getaffinity(0)))
