@@ -118,3 +118,32 @@ def test_half_kernels_without_the_dot_round_the_float32_result(dtype):
     assert torch.equal(out, single.to(dtype))
     wl_host = ops.for_target(wl, tvm_dcn.host_target())
     assert wl_host.get("gemm") is None
+
+
+def test_tuning_template_samples_of_the_dot_kernel():
+    """The bfloat16 dot-product forward as a design space (``sampled=True``): schedules drawn with
+    other decisions build (with ``vdpbf16ps``) and, where the host has it, compute the forward."""
+    from tvm_dcn.schedules import find_template
+
+    target = tvm_dcn.host_target() if HOST_HAS_DOT else tvm.target.Target(SAPPHIRE_RAPIDS)
+    wl = ops.for_target(DOT_CASES["stripes"], target)
+    assert wl["gemm"] == GEMM_BF16_DOT
+    template = find_template("deform_conv2d", "llvm")
+    x, offset, weight, bias, mask = _inputs(wl, seed=4)
+    d = [t.double() for t in (x, offset, weight, bias, mask)]
+    expected = reference_deform_conv2d(*d[:4], mask=d[4], padding=1)
+    extra = columns_rounding_bound(x, offset, weight, mask=mask, padding=1)
+    traces = set()
+    for seed in range(1, 4):
+        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
+        template(sch, wl, target)
+        traces.add(str(sch.trace))
+        lib = tvm.compile(sch.mod, target=target)
+        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+        if HOST_HAS_DOT:
+            out = torch.empty(expected.shape[0], expected.shape[1], expected.shape[2] * expected.shape[3],
+                              dtype=torch.bfloat16)
+            lib["main"](*(t.reshape(t.shape[0], t.shape[1], -1) for t in (x, offset, mask)),
+                        weight.reshape(weight.shape[0], -1), bias, out)
+            assert_matches(out.reshape(expected.shape), expected, torch.bfloat16, what=f"seed {seed}", extra=extra)
+    assert len(traces) > 1
