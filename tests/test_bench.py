@@ -179,6 +179,32 @@ def test_timed_calls_follow_the_offset_convolution_in_balanced_orders(monkeypatc
     assert len(set(collections.Counter(order[0] for order in orders).values())) == 1
 
 
+def test_default_is_timed_in_a_phase_of_its_own(monkeypatch):
+    """The unscheduled default (slow, mostly on one core) runs after every repeat of the others,
+    ``slow_repeats`` times, so that it never runs just before another candidate's timed call."""
+    import torch  # noqa: PLC0415
+
+    events = []
+
+    def candidates(wl, mode, schedules, peers=(), dtype="float32"):
+        def make(name):
+            def call():
+                events.append(name)
+                return torch.zeros(1)
+            return call
+        names = ("tvm-dcn default", "tvm-dcn hand", "torchvision", "dense conv2d")
+        return {name: make(name) for name in names}, None
+
+    monkeypatch.setattr(bench, "_conv_candidates", candidates)
+    result = bench.run_case(CONV, 1, "forward", repeats=5, slow_repeats=2, warmup=0, log=lambda line: None)
+    assert set(result.times_ms) == {"tvm-dcn default", "tvm-dcn hand", "torchvision", "dense conv2d"}
+    # Set-up: torchvision's reference, each candidate once and the default's warm-up; then 5
+    # repeats of the others (separator + 3 calls), then the default's 2 repeats after the separator.
+    timed = events[6:]
+    assert timed[:20].count("tvm-dcn default") == 0 and timed[:20].count("tvm-dcn hand") == 5
+    assert timed[20:] == ["dense conv2d", "tvm-dcn default"] * 2
+
+
 @pytest.mark.parametrize("n", range(1, 8))
 def test_balanced_orders_are_permutations_with_every_succession_equally_often(n):
     orders = bench.balanced_orders(n)

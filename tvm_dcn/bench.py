@@ -36,13 +36,14 @@ deformable-conv call right after the layer's offset convolution (untimed), as in
 what ran just before changes a kernel's time by up to ~0.7 ms here (a core left idle, as during
 torchvision's single-threaded sampling, is slow to come back on this shared host). The layers'
 repeats are interleaved too (repeat i of every layer before repeat i + 1 of any), so that a burst
-of load on the host, which can last a few seconds, hits every layer alike.
+of load on the host, which can last a few seconds, hits every layer alike. The unscheduled
+``default`` kernels (100-400 ms, mostly on one core) run in a phase of their own afterwards.
 
 RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 
 Half precision (``dtype="bfloat16"`` / ``"float16"``, ``--dtype``): the tvm-dcn rows and dense
-conv2d take the layer's tensors in that dtype (tvm-dcn computes them with its float32 kernels,
-``functional``), torchvision and the peers keep them in float32 (torchvision has no bfloat16
+conv2d take the layer's tensors in that dtype (tvm-dcn's CPU forward with its half kernels, the
+gradients with its float32 kernels: ``functional``), torchvision and the peers keep them in float32 (torchvision has no bfloat16
 deformable convolution on the CPU, the peers no half-precision one), and the reported error is
 against that float32 forward. Results then go to ``bench-<dtype>.{json,md,png}``.
 
@@ -509,14 +510,26 @@ class _Case:
         self.separator = self.usable.get("dense conv2d")
 
     def repeat(self, i: int) -> None:
-        """Repeat ``i``: every candidate once, timed. Interleaved, so noise hits every candidate
-        alike, in the orders of a balanced design, so every candidate follows every other equally
-        often: what ran just before matters here (a forward ran 0.6-1 ms faster right after
-        another forward of the same layer than after other work, 0.2-0.3 ms slower right after
-        torchvision's mostly single-threaded one; a rotated fixed order, one random sequence reused
-        for every layer, and the design without the separator each favoured a candidate:
+        """Repeat ``i``: every candidate but the slow ones once, timed. Interleaved, so noise hits
+        every candidate alike, in the orders of a balanced design, so every candidate follows every
+        other equally often: what ran just before matters here (a forward ran 0.6-1 ms faster right
+        after another forward of the same layer than after other work, 0.2-0.3 ms slower right
+        after torchvision's mostly single-threaded one; a rotated fixed order, one random sequence
+        reused for every layer, and the design without the separator each favoured a candidate:
         identical hand and tuned code timed 3-7% apart)."""
-        active = [name for name in self.usable if not (name in self.slow and i >= self.slow_repeats)]
+        self._timed([name for name in self.usable if name not in self.slow], i)
+
+    def repeat_slow(self, i: int) -> None:
+        """Repeat ``i`` of the slow candidates (the unscheduled ``default``), in a phase of their own
+        after the others' repeats: running 100-400 ms mostly on one core, interleaved they slowed
+        the candidates that followed them (hand forward 1.58-1.93 ms per layer against 1.03-1.20 ms
+        without them, ONNX Runtime unchanged)."""
+        if i < self.slow_repeats:
+            self._timed([name for name in self.usable if name in self.slow], i)
+
+    def _timed(self, active: list[str], i: int) -> None:
+        if not active:
+            return
         design = balanced_orders(len(active))
         if self.separator is not None:
             self.separator()
@@ -556,6 +569,9 @@ def run_cases(layers: list[tuple[Workload, int]], mode: str, *, schedules=SCHEDU
     for i in range(repeats):
         for j in range(len(cases)):
             cases[(i + j) % len(cases)].repeat(i)
+    for i in range(slow_repeats):
+        for j in range(len(cases)):
+            cases[(i + j) % len(cases)].repeat_slow(i)
     results = [case.finish() for case in cases]
     for result in results:
         log(format_case(result))
