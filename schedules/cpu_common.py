@@ -115,6 +115,14 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         pixel_blocks = 1
         while row_blocks * pixel_blocks < 4 * cores and tile_columns % (pixel_blocks * 2) == 0:
             pixel_blocks *= 2
+        # Tasks the cores share evenly: a count neither a multiple of the cores nor several times
+        # their number leaves cores idle at the end (3 tasks on 2 cores: 192 channels x 608
+        # pixels, 1.69 ms against 1.58 for ONNX Runtime): then smaller row blocks.
+        while not _balanced(row_blocks * pixel_blocks, cores) and block_rows > rows:
+            smaller = largest_divisor(group_rows, block_rows - 1, multiple_of=rows)
+            if smaller % rows:
+                break
+            block_rows, row_blocks = smaller, batch_rows // smaller
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
         p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
         tile = [row_inner, p_vector, p_inner]
@@ -150,6 +158,10 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         for loop in acc_loops[-len(tile):-1]:
             sch.unroll(loop)
         sch.vectorize(acc_loops[-1])
+
+
+def _balanced(tasks: int, cores: int) -> bool:
+    return tasks % cores == 0 or tasks >= 4 * cores
 
 
 def parallel_rows(sch, block: str, parallel_axes: int = 2) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 import tvm
+import tvm_ffi
 
 import tvm_dcn
 from tvm_dcn import kernel, ops
@@ -166,3 +167,24 @@ def test_template_decisions_are_replayed_not_frozen():
     sch.trace.with_decision(inst, other, remove_postproc=True).apply_to_schedule(replayed, remove_postproc=False)
     assert replayed.mod.script() != sch.mod.script()
     _run(tvm.compile(replayed.mod, target=target), wl, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("channels, height, width", [(192, 20, 30), (128, 28, 28), (384, 12, 12), (96, 9, 9)])
+def test_parallel_tasks_are_shared_evenly_by_the_cores(channels, height, width):
+    """Every parallel loop of the forward gives each of 2 cores the same number of tasks, or many
+    tasks each: 3 GEMM tasks on 2 cores (192 channels, 64-row blocks) left one core idle for a third
+    of the GEMM (now 24-row blocks, 8 tasks)."""
+    from tvm import tirx
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
+    wl = forward_workload(batch=1, in_channels=channels, height=height, width=width, out_channels=channels,
+                          kernel_size=(3, 3), padding=(1, 1), with_mask=True)
+    _, mod = kernel.scheduled_module(wl, target, schedule="hand")
+    extents = []
+
+    def visit(node):
+        if node.kind == tirx.ForKind.PARALLEL:
+            extents.append(int(node.extent))
+
+    tvm_ffi.structural_walk(mod["main"], [(tirx.For, visit)], order="post")
+    assert extents and all(e % 2 == 0 or e >= 8 for e in extents), extents
