@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .registry import find, find_template, register  # noqa: F401
 
-from . import cpu_deform_conv2d, cpu_roi_align, cpu_transpose  # noqa: E402,F401  (register their schedules)
+from . import cpu_bf16, cpu_deform_conv2d, cpu_roi_align, cpu_transpose  # noqa: E402,F401  (register their schedules)
 from . import cuda_deform_conv2d, cuda_roi_align  # noqa: E402,F401
 
 
@@ -18,3 +18,4 @@ def register_intrinsics() -> None:
     """Register the tensor intrinsics the hand schedules use (``Schedule.tensorize``): a tuning
     record's trace names them, so replaying one needs them registered first."""
     cpu_transpose.register()
+    cpu_bf16.register()

@@ -220,6 +220,33 @@ def test_tune_resumes_from_its_work_dir(tuned, tmp_path):
 
 
 @pytest.mark.xdist_group("metaschedule")
+def test_a_new_process_resumes_records_that_tensorize(tmp_path):
+    """A work dir whose records tensorize with tvm-dcn's own intrinsics (the hand schedules' traces
+    seed every search) resumes in a fresh process: the intrinsics are registered before the
+    database, whose traces name them, is read (reading it first raised 'not registered')."""
+    from tvm_dcn import _meta_schedule, ops
+    from tvm_dcn.schedules import find
+
+    ms = _meta_schedule.meta_schedule()
+    target = tvm_dcn.host_target()
+    wl = ops.for_target(forward_workload(batch=1, in_channels=16, height=6, width=6, out_channels=8,
+                                         kernel_size=(3, 3), padding=(1, 1), with_mask=True), target)
+    sch = tvm.s_tir.Schedule(ops.ir_module(wl))
+    find(FORWARD, "llvm")(sch, wl, target)
+    work = tmp_path / "work"
+    work.mkdir()
+    db = ms.database.JSONDatabase(work_dir=str(work))
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(ops.ir_module(wl)), [1e-3],
+                                                     target))
+    assert "tvm_dcn_transpose_8x8_f32" in (work / RECORD_FILE).read_text()
+    workloads.save(tmp_path / "set.json", [wl])
+    code = (f"from tvm_dcn import tune, workloads; tune.tune(workloads.load({str(tmp_path / 'set.json')!r}), "
+            f"work_dir={str(work)!r}, search=False, verify_top=0, export=False, progress=False)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.xdist_group("metaschedule")
 def test_export_without_search_uses_the_work_dir_as_it_is(tuned, tmp_path):
     """--no-search: a larger budget searches nothing; the records are verified and exported."""
     root, first = tuned

@@ -329,8 +329,9 @@ def tune(workloads: Sequence[Workload], target: TargetLike = None, *, trials_per
     work_dir = Path(work_dir) if work_dir is not None else Path("tvm-dcn-tuning") / tag
     work_dir.mkdir(parents=True, exist_ok=True)
     cores = int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1) if target.kind.name == "llvm" else 1
-    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    # Before the database: loading it parses the traces of earlier runs, which name the intrinsics.
     import_tensor_intrinsics_for(target)
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
     builder = make_builder(target, max_workers=max(1, min(cores, os.cpu_count() or 1)))
     runner = make_runner(rpc_tracker, rpc_key)
     try:
