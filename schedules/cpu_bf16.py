@@ -15,6 +15,8 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from ..cpu_isa import vector_unit
+
 DOT_16X2_BF16 = "tvm_dcn_dot_16x2_bf16"
 # Float32 accumulators (pixels) of one dot product, and the bfloat16 pair each one sums.
 LANES = 16
@@ -23,7 +25,8 @@ _FUNCTION = "tvm_dcn_dpbf16ps_512"
 # instruction wants the pair of each pixel side by side: (row 2r, pixel l) at element 2l.
 _INTERLEAVE = ", ".join(f"i32 {(i // 2) + 16 * (i % 2)}" for i in range(32))
 # The kernel imports this module (``import_llvm``); linkonce_odr: several imports into one kernel
-# merge, and once inlined the function is dropped.
+# merge, and once inlined the function is dropped. The intrinsic's ``<32 x bfloat>`` operands are
+# those of LLVM 17 and later (the pinned TVM is built with LLVM 22).
 LLVM_IR = f"""
 define linkonce_odr hidden <16 x float> @{_FUNCTION}(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) #0 {{
   %ab = bitcast <16 x i32> %a to <32 x bfloat>
@@ -71,6 +74,11 @@ def register() -> str:
     if TensorIntrin.get(DOT_16X2_BF16, allow_missing=True) is None:
         TensorIntrin.register(DOT_16X2_BF16, _dot_desc, _dot_impl)
     return DOT_16X2_BF16
+
+
+def target_has_dot(target) -> bool:
+    """Whether ``target`` has the instruction (AVX512-BF16)."""
+    return vector_unit(target).bf16_dot
 
 
 def import_into(sch, loop) -> None:

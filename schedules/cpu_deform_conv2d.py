@@ -171,6 +171,9 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
     epilogue = "output" if geo.padded_pixels == geo.pixels else None
     dot = None
     if geo.gemm == GEMM_BF16_DOT:
+        if not cpu_bf16.target_has_dot(target):
+            raise ValueError(f"workload {workload.op}: gemm={GEMM_BF16_DOT!r} needs a target with avx512bf16; "
+                             f"{target} has none (build the workload without the parameter)")
         _pair_columns(sch, workload, geo, lanes, sampled=sampled)
         dot = cpu_bf16.register()
     else:

@@ -235,10 +235,10 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional
 
 def columns_rounding_bound(input, offset, weight, mask=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """The error a bfloat16 forward adds where it multiplies with AVX512-BF16's dot product: each
-    column value is rounded to bfloat16 (relative error at most 2**-9), so an output moves by at
-    most 2**-9 x sum |weight| |column|: the deformable convolution of |input| and |weight| (bilinear
-    weights and mask are non-negative), in float64. Zero where the forward does not use it (other
-    dtypes, a host without avx512bf16, a reduction that does not pair up)."""
+    column value is rounded to bfloat16 (8 significant bits: relative error at most 2**-8), so an
+    output moves by at most 2**-8 x sum |weight| |column|: the deformable convolution of |input|,
+    |weight| and |mask| (bilinear weights are non-negative), in float64. Zero where the forward
+    does not use it (other dtypes, a host without avx512bf16, a reduction that does not pair up)."""
     from tvm_dcn.cpu_isa import vector_unit  # noqa: PLC0415
     from tvm_dcn.ops.deform_conv import bf16_dot_applies, forward_workload  # noqa: PLC0415
 
@@ -248,8 +248,8 @@ def columns_rounding_bound(input, offset, weight, mask=None, stride=1, padding=0
     if input.dtype != torch.bfloat16 or not vector_unit(tvm_dcn.host_target()).bf16_dot or not bf16_dot_applies(wl):
         return torch.zeros(())
     magnitude = reference_deform_conv2d(input.double().abs(), offset.double(), weight.double().abs(), None, stride,
-                                        padding, dilation, None if mask is None else mask.double())
-    return 2 ** -9 * magnitude
+                                        padding, dilation, None if mask is None else mask.double().abs())
+    return 2 ** -8 * magnitude
 
 
 def reference_deform_conv2d_autograd(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,

@@ -173,7 +173,7 @@ def test_template_decisions_are_replayed_not_frozen():
 def test_parallel_tasks_are_shared_evenly_by_the_cores(channels, height, width):
     """Every parallel loop of the forward gives each of 2 cores the same number of tasks, or many
     tasks each: 3 GEMM tasks on 2 cores (192 channels, 64-row blocks) left one core idle for a third
-    of the GEMM (now 24-row blocks, 8 tasks)."""
+    of the GEMM (now 48-row blocks, 4 tasks)."""
     from tvm import tirx
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})

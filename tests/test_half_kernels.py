@@ -147,3 +147,28 @@ def test_tuning_template_samples_of_the_dot_kernel():
                         weight.reshape(weight.shape[0], -1), bias, out)
             assert_matches(out.reshape(expected.shape), expected, torch.bfloat16, what=f"seed {seed}", extra=extra)
     assert len(traces) > 1
+
+
+def test_bfloat16_bits_round_to_nearest_even_and_keep_nan():
+    """The columns' rounding (``ops.deform_conv.bfloat16_bits``) against torch's float32 -> bfloat16
+    conversion, bit for bit, on ties, carries into the exponent, infinities, the largest finite
+    values and NaNs, including NaNs whose payload is in the low 16 bits only (which a rounding on
+    the bits alone turns into infinity)."""
+    from tvm import te
+
+    from tvm_dcn.ops.deform_conv import bfloat16_bits
+
+    bits = torch.tensor([0x3F800000, 0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3FFFFFFF, 0x7F7FFFFF, 0xFF7FFFFF,
+                         0x7F800000, 0xFF800000, 0x00000001, 0x80000000, 0x7FC00000, 0x7F800001, 0xFF800001,
+                         0x7FFFFFFF, 0xFFFFFFFF], dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    source = te.placeholder((len(values),), "float32", name="values")
+    rounded = te.compute(source.shape, lambda i: bfloat16_bits(source[i]), name="bits")
+    lib = tvm.compile(te.create_prim_func([source, rounded]), target=tvm_dcn.host_target())
+    out = torch.zeros(len(values), dtype=torch.uint16)
+    lib(values, out)
+    expected = values.to(torch.bfloat16)
+    got = out.view(torch.bfloat16)
+    finite = ~torch.isnan(values)
+    assert torch.equal(got[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert torch.isnan(got[~finite].float()).all()

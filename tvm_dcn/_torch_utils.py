@@ -9,8 +9,9 @@ import torch
 
 from ._utils import IntPair, int_pair
 
-# Half precision runs the float32 kernels: the operators convert half-precision tensors to float32
-# once, compute (and accumulate) in float32 and return their results in the half dtype.
+# Half precision computes in float32: the operators without half kernels (all but the CPU
+# deformable-convolution forward) convert half tensors to float32 once, compute (and accumulate)
+# in float32 and return their results in the half dtype.
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 # The tensor dtypes the operators are defined for.
 SUPPORTED_DTYPES = (torch.float32, torch.float64) + HALF_DTYPES

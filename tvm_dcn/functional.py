@@ -257,10 +257,12 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         (likewise W_out). A sample at a position outside (-1, H) x (-1, W), or at a non-finite
         position (NaN/inf offsets), contributes zero. Same dtype and device as ``input``.
 
-    All tensors have one dtype: float32, float64, or bfloat16 / float16, which run the float32
-    kernels (the tensors converted once, float32 accumulation; results and gradients in the half
-    dtype). Under ``torch.autocast`` the floating-point tensors (except float64 ones) are first
-    cast to the autocast dtype, as ``conv2d``'s are.
+    All tensors have one dtype: float32, float64, or bfloat16 / float16. Half tensors compute in
+    float32 and return results and gradients in their dtype: on the CPU the forward has half
+    kernels (on CPUs with AVX512-BF16, and (C_in / groups) x KH x KW even, the bfloat16 GEMM uses
+    ``vdpbf16ps`` on columns rounded to bfloat16); the gradients, and CUDA, convert them to
+    float32 once and run the float32 kernels. Under ``torch.autocast`` the floating-point tensors
+    (except float64 ones) are first cast to the autocast dtype, as ``conv2d``'s are.
     """
     if not torch.jit.is_scripting():
         return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)

@@ -140,7 +140,7 @@ def cpu_params(wl: Workload, target) -> dict:
     unit = vector_unit(target)
     lanes = unit.lanes(compute_dtype(wl.dtype))
     params = {"pixel_align": lanes} if lanes > SPATIAL_ALIGN else {}
-    if unit.bf16_dot and bf16_dot_applies(wl):
+    if unit.bf16_dot and bf16_dot_applies(wl) and wl.get("pixel_align", DOT_LANES) % DOT_LANES == 0:
         params = {"pixel_align": DOT_LANES, "gemm": GEMM_BF16_DOT}
     return params
 
@@ -391,7 +391,9 @@ def bfloat16_bits(value):
     bits = tirx.reinterpret("uint32", value)
     rounded = (bits + tirx.const(0x7FFF, "uint32") + ((bits >> tirx.const(16, "uint32")) & tirx.const(1, "uint32"))) \
         >> tirx.const(16, "uint32")
-    return te.if_then_else(value != value, tirx.const(0x7FC0, "uint16"), rounded.astype("uint16"))
+    # NaN tested on the bits: TVM folds ``value != value`` to false.
+    nan = (bits & tirx.const(0x7FFFFFFF, "uint32")) > tirx.const(0x7F800000, "uint32")
+    return te.if_then_else(nan, tirx.const(0x7FC0, "uint16"), rounded.astype("uint16"))
 
 
 def bfloat16_value(bits):
