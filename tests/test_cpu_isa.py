@@ -188,3 +188,15 @@ def test_parallel_tasks_are_shared_evenly_by_the_cores(channels, height, width):
 
     tvm_ffi.structural_walk(mod["main"], [(tirx.For, visit)], order="post")
     assert extents and all(e % 2 == 0 or e >= 8 for e in extents), extents
+
+
+def test_info_prints_the_vector_unit_and_the_bfloat16_gemm(capsys):
+    from tvm_dcn import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    unit = cpu_vector_unit(None)
+    assert f"target tag:     {tvm_dcn.target_tag(None)}" in out
+    assert f"vector unit:    {unit.isa}, {unit.vector_bits}-bit x {unit.registers} registers" in out
+    assert ("vdpbf16ps" in out) == unit.bf16_dot
+    assert "TVM_BIND_THREADS=" in out

@@ -31,13 +31,18 @@ def _info(args) -> int:
     from .target import host_target, target_tag  # noqa: PLC0415
     from .tuning_records import records_dir  # noqa: PLC0415
 
+    from .target import cpu_vector_unit  # noqa: PLC0415
+
     tag = target_tag(None)
+    unit = cpu_vector_unit(host_target())
     print(f"target:         {host_target()}")
     print(f"target tag:     {tag}")
+    print(f"vector unit:    {unit.isa}, {unit.vector_bits}-bit x {unit.registers} registers; bfloat16 GEMM: "
+          + ("vdpbf16ps (AVX512-BF16)" if unit.bf16_dot else "float32 FMA"))
     print(f"kernel cache:   {cache_dir()}")
     folder = records_dir(tag)
     print(f"tuning records: {folder} ({'present' if folder.exists() else 'none for this machine'})")
-    for name in ("TVM_NUM_THREADS", "OMP_WAIT_POLICY", "TVM_THREAD_POOL_SPIN_COUNT"):
+    for name in ("TVM_NUM_THREADS", "OMP_WAIT_POLICY", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_BIND_THREADS"):
         print(f"{name}={os.environ.get(name, '')}")
     return 0
 
