@@ -372,9 +372,9 @@ def _forward_plan(input, offset, weight, bias, mask, stride, padding, dilation) 
     batch, out_channels = input.shape[0], weight.shape[0]
     out_h, out_w = offset.shape[2:]
     # bfloat16 on a CPU with AVX512-BF16 has a kernel of its own (its GEMM multiplies with
-    # vdpbf16ps); other half tensors run the float32 kernel (converted once), which was faster than
-    # a half kernel widening its operands in the GEMM (float16 forward 1.31-1.84 ms against float32's
-    # 0.92-1.10 ms on the ResNet-50 layers).
+    # vdpbf16ps); other half tensors run the float32 kernel (converted once): a half kernel that
+    # widens its weight in the GEMM's inner loop was no faster (float16 forward in tvm-dcn bench,
+    # ResNet-50 layers: 1.31-1.84 ms, geomean 3.78x torchvision; converted: 1.42-1.61 ms, 3.82x).
     target = device_target(input.device)
     workload = _workload(input, offset, weight, bias, mask, stride, padding, dilation)
     if input.dtype == torch.bfloat16 and target is None:
