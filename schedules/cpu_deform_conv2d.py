@@ -178,6 +178,8 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
         dot = cpu_bf16.register()
     else:
         forward_columns(sch, workload, geo, lanes, sampled=sampled)
+        if geo.dtype != geo.compute_dtype:
+            parallel_vectorize(sch, "weight_widened", parallel_axes=1, lanes=lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
                  registers=vector_registers(target), epilogue=epilogue, dot=dot)

@@ -109,8 +109,7 @@ def test_dot_kernel_error_is_within_the_columns_rounding(name):
 def test_half_kernels_without_the_dot_round_the_float32_result(dtype):
     """The half forward kernels without the dot product (float16; bfloat16 whose reduction does not
     pair up, here 1 x 3 x 3 per group) compute in float32 what the float32 hand kernel computes:
-    equal to its result, rounded once. (The bridge runs such tensors through the float32 kernel,
-    which was faster: these kernels are what CUDA builds, see test_cuda_build.py.)"""
+    equal to its result, rounded once, through the kernels and through the bridge."""
     name = str(dtype).replace("torch.", "")
     wl = _workload(name, in_channels=6, groups=6, out_channels=12)
     single_wl = _workload("float32", in_channels=6, groups=6, out_channels=12)
@@ -124,7 +123,6 @@ def test_half_kernels_without_the_dot_round_the_float32_result(dtype):
         tvm_dcn.compile(wl)(*args, out)
         tvm_dcn.compile(single_wl)(*(a.float() for a in args), single)
     assert torch.equal(out, single.to(dtype))
-    # The bridge: the float32 kernel's result, rounded.
     bridged = tvm_dcn.deform_conv2d(x, offset, weight, bias, mask=mask, padding=1)
     assert bridged.dtype == dtype and torch.equal(bridged.reshape(out.shape), out)
 

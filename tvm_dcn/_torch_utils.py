@@ -9,8 +9,8 @@ import torch
 
 from ._utils import IntPair, int_pair
 
-# Half precision computes in float32: the operators (all but the bfloat16 deformable-convolution
-# forward on CPUs with AVX512-BF16) convert half tensors to float32 once, compute (and accumulate)
+# Half precision computes in float32: the operators without half kernels (all but the CPU
+# deformable-convolution forward) convert half tensors to float32 once, compute (and accumulate)
 # in float32 and return their results in the half dtype.
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 # The tensor dtypes the operators are defined for.

@@ -42,8 +42,8 @@ of load on the host, which can last a few seconds, hits every layer alike. The u
 RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature map.
 
 Half precision (``dtype="bfloat16"`` / ``"float16"``, ``--dtype``): the tvm-dcn rows and dense
-conv2d take the layer's tensors in that dtype (tvm-dcn: ``functional``'s rules, the bfloat16
-dot-product kernel or the float32 kernels), torchvision and the peers keep them in
+conv2d take the layer's tensors in that dtype (tvm-dcn's CPU forward with its half kernels, the
+gradients with its float32 kernels: ``functional``), torchvision and the peers keep them in
 float32 (torchvision has no bfloat16 deformable convolution on the CPU, the peers no
 half-precision one), and the reported error is against that float32 forward. Results then go to ``bench-<dtype>.{json,md,png}``.
 

@@ -29,10 +29,11 @@ runs on cold caches here, so each one counts: measured side by side, each call r
 layer's offset convolution, the direct call took 0.23-0.30 ms less than validation plus the
 operator (ResNet-50 DCN layers, two runs).
 
-Half precision: a bfloat16 forward on a CPU with AVX512-BF16 has a kernel of its own (bfloat16
-tensors in and out, sampling and accumulation in float32, ``vdpbf16ps`` in the GEMM on columns
-rounded to bfloat16 once). Everything else runs the float32 kernels: the operators convert half
-tensors to float32 once and return results and gradients in the half dtype (``kernel_dtype``). ``torch.autocast``: the forward
+Half precision: on the CPU the forward has bfloat16 and float16 kernels (half tensors in and
+out, sampling and accumulation in float32; on CPUs with AVX512-BF16 the bfloat16 GEMM uses
+``vdpbf16ps`` on columns rounded to bfloat16 once). The gradients, and CUDA, run the float32
+kernels: the operators convert half tensors to float32 once and return results and gradients in
+the half dtype (``kernel_dtype``). ``torch.autocast``: the forward
 operators have AutocastCPU and AutocastCUDA kernels (:func:`implements_autocast`), deform_conv2d
 with ``conv2d``'s rule (floating-point arguments cast to the autocast dtype), the RoI family with
 torchvision's (float32 compute, results in the input's dtype); the functions apply the same rules
@@ -52,8 +53,6 @@ from ._torch_utils import (HALF_DTYPES, SUPPORTED_DTYPES, ArgumentTypeError, Arg
                            BoxFormatError, BoxTypeError, autocast_cast, autocast_dtype, check_tensor,
                            int_pair_argument, kernel_dtype)
 from ._utils import IntPair
-from .ops import for_target
-from .target import host_target
 from .ops.deform_conv import (backward_data_workload, backward_weight_workload, forward_workload, output_size,
                                padded_pixels)
 
@@ -259,10 +258,10 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         position (NaN/inf offsets), contributes zero. Same dtype and device as ``input``.
 
     All tensors have one dtype: float32, float64, or bfloat16 / float16. Half tensors compute in
-    float32 and return results and gradients in their dtype: a bfloat16 forward on a CPU with
-    AVX512-BF16 (and (C_in / groups) x KH x KW even) has its own kernel, whose GEMM uses
-    ``vdpbf16ps`` on columns rounded to bfloat16; everything else converts them to float32 once
-    and runs the float32 kernels. Under ``torch.autocast`` the floating-point tensors
+    float32 and return results and gradients in their dtype: on the CPU the forward has half
+    kernels (with AVX512-BF16, and (C_in / groups) x KH x KW even, the bfloat16 GEMM uses
+    ``vdpbf16ps`` on columns rounded to bfloat16); the gradients, and CUDA, convert them to
+    float32 once and run the float32 kernels. Under ``torch.autocast`` the floating-point tensors
     (except float64 ones) are first cast to the autocast dtype, as ``conv2d``'s are.
     """
     if not torch.jit.is_scripting():
@@ -361,28 +360,15 @@ class _ForwardPlan(NamedTuple):
     kernel_dtype: torch.dtype
 
 
-@functools.lru_cache(maxsize=1024)
-def _has_bf16_dot_kernel(workload) -> bool:
-    """Whether the bfloat16 forward ``workload`` gets AVX512-BF16's dot product on this CPU."""
-    return for_target(workload, host_target()).get("gemm") is not None
-
-
 def _forward_plan(input, offset, weight, bias, mask, stride, padding, dilation) -> _ForwardPlan:
     """Compiles (or fetches) the forward kernel of a validated, non-empty call."""
     batch, out_channels = input.shape[0], weight.shape[0]
     out_h, out_w = offset.shape[2:]
-    # bfloat16 on a CPU with AVX512-BF16 has a kernel of its own (its GEMM multiplies with
-    # vdpbf16ps); other half tensors run the float32 kernel (converted once): a half kernel that
-    # widens its weight in the GEMM's inner loop was no faster (float16 forward in tvm-dcn bench,
-    # ResNet-50 layers: 1.31-1.84 ms, geomean 3.78x torchvision; converted: 1.42-1.61 ms, 3.82x).
+    # On the CPU half tensors have forward kernels of their own (float32 arithmetic; AVX512-BF16's
+    # dot product in the bfloat16 GEMM where the target has it); on CUDA the float32 kernel.
     target = device_target(input.device)
-    workload = _workload(input, offset, weight, bias, mask, stride, padding, dilation)
-    if input.dtype == torch.bfloat16 and target is None:
-        own = _workload(input, offset, weight, bias, mask, stride, padding, dilation, input.dtype)
-        if _has_bf16_dot_kernel(own):
-            workload = own
-    kern = _kernel.compile(workload, target)
-    dtype = input.dtype if workload.dtype == str(input.dtype).replace("torch.", "") else kernel_dtype(input.dtype)
+    dtype = input.dtype if target is None else kernel_dtype(input.dtype)
+    kern = _kernel.compile(_workload(input, offset, weight, bias, mask, stride, padding, dilation, dtype), target)
     return _ForwardPlan(kern, (batch, out_channels, out_h * out_w), (batch, out_channels, out_h, out_w), dtype)
 
 

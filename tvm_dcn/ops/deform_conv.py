@@ -443,6 +443,11 @@ def build_forward(wl: Workload) -> OperatorDef:
     columns = forward_columns(wl, geo, t.data, corner_index, corner_weight)
     if geo.gemm == GEMM_BF16_DOT:
         gemm = pair_gemm(geo, t.weight, pair_columns(geo, columns))
+    elif geo.dtype != geo.compute_dtype:
+        # The half weight widened once, not per use in the GEMM's inner loop.
+        weight = te.compute(t.weight.shape, lambda co, r: t.weight[co, r].astype(geo.compute_dtype),
+                            name="weight_widened")
+        gemm = forward_gemm(geo, weight, columns)
     else:
         gemm = forward_gemm(geo, t.weight, columns)
     if t.bias is None:
