@@ -52,6 +52,10 @@ def schedule(sch, workload, target) -> None:
     """deform_conv2d: sampling, deformable im2col, then output = weight x columns (+ bias)."""
     geo, vector = _geometry(workload)
     _columns(sch, vector)
+    # A half weight is widened where the GEMM stages it (the CPU's separate widening pass would
+    # otherwise run unbound, on the host).
+    for block in existing_blocks(sch, ("weight_widened",)):
+        sch.compute_inline(block)
     tiles = gemm_tiles(group_rows=geo.group_out_channels, cols=geo.padded_pixels, reduction=geo.reduction,
                        dtype=geo.dtype)
     # The weight in its own dtype (16-byte loads: 8 half values), the columns in the arithmetic's.

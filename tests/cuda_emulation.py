@@ -58,6 +58,16 @@ def thread_bindings(func) -> set:
     return tags
 
 
+def unbound_loops(func) -> list:
+    """Loop variables of the loops at the top of ``func`` that are bound to no thread: they would
+    run on the host, reading device memory."""
+    body = func.body
+    if isinstance(body, tvm.s_tir.SBlockRealize):  # the root block
+        body = body.block.body
+    stmts = list(body.seq) if isinstance(body, tirx.SeqStmt) else [body]
+    return [str(s.loop_var) for s in stmts if isinstance(s, tirx.For) and s.kind != tirx.ForKind.THREAD_BINDING]
+
+
 def on_cpu(mod: tvm.IRModule) -> tvm.IRModule:
     """``mod`` (GPU-scheduled) as a CPU program with the same results (see the module docstring)."""
     func = mod["main"]

@@ -112,6 +112,7 @@ def test_atomic_scatter_is_refused_on_the_cpu_and_validated():
 def _emulate_and_compare(wl: Workload, schedule=None, seed=0):
     source, mod = kernel.scheduled_module(wl, SM90, schedule=schedule)
     assert emu.thread_bindings(mod["main"]) >= {"blockIdx.x", "threadIdx.x"}
+    assert not emu.unbound_loops(mod["main"])
     emu.check_bounds(mod)
     emulated = tvm.compile(emu.on_cpu(mod), target=tvm_dcn.host_target())
     forward = None
@@ -333,6 +334,7 @@ def test_half_forward_emulated_matches_cpu_kernel(dtype):
     wl = HALF_FORWARD[dtype]
     source, mod = kernel.scheduled_module(wl, SM90)
     assert source == "hand"
+    assert not emu.unbound_loops(mod["main"])
     emulated = tvm.compile(emu.on_cpu(mod), target=tvm_dcn.host_target())
     args = emu.random_arguments(wl, torch.Generator().manual_seed(3))
     expected = [a.clone() for a in args]
