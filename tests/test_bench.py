@@ -136,6 +136,21 @@ def test_forward_breakdown_parts_compute_the_forward(conv, capsys, monkeypatch, 
     assert "dcnv2 b1 4x6x5->4 k3x3 s1" in capsys.readouterr().out
 
 
+def _recording_candidates(events: list, names, prelude=None, label=lambda wl, name: name):
+    """A stand-in for ``bench._conv_candidates``: candidates ``names`` that append
+    ``label(workload, name)`` to ``events`` when called, and the untimed ``prelude``."""
+    import torch  # noqa: PLC0415
+
+    def candidates(wl, mode, schedules, peers=(), dtype="float32"):
+        def make(name):
+            def call():
+                events.append(label(wl, name))
+                return torch.zeros(1)
+            return call
+        return {name: make(name) for name in names}, prelude
+    return candidates
+
+
 def test_timed_calls_follow_the_offset_convolution_in_balanced_orders(monkeypatch):
     """Every timed call runs right after the layer's (untimed) offset convolution, and the
     candidates run in balanced orders (not a rotation of one order), each repeat after the same
@@ -143,20 +158,12 @@ def test_timed_calls_follow_the_offset_convolution_in_balanced_orders(monkeypatc
     import torch  # noqa: PLC0415
 
     events = []
-
-    def candidates(wl, mode, schedules, peers=(), dtype="float32"):
-        def make(name):
-            def call():
-                events.append(name)
-                return torch.zeros(1)
-            return call
-        names = ("tvm-dcn hand", "tvm-dcn tuned", "torchvision", "dense conv2d")
-        return {name: make(name) for name in names}, lambda: events.append("offset conv")
-
     x = torch.randn(1, 4, 6, 5)
     offset_conv = bench._offset_conv(CONV, x)
     assert tuple(offset_conv().shape) == (1, 27, 6, 5)  # 2 x 9 offsets and 9 mask channels per pixel
-    monkeypatch.setattr(bench, "_conv_candidates", candidates)
+    monkeypatch.setattr(bench, "_conv_candidates", _recording_candidates(
+        events, ("tvm-dcn hand", "tvm-dcn tuned", "torchvision", "dense conv2d"),
+        prelude=lambda: events.append("offset conv")))
     repeats = 12
     bench.run_case(CONV, 1, "forward", repeats=repeats, warmup=0, log=lambda line: None)
     timed = events[events.index("offset conv") - 1:]
@@ -182,20 +189,9 @@ def test_timed_calls_follow_the_offset_convolution_in_balanced_orders(monkeypatc
 def test_default_is_timed_in_a_phase_of_its_own(monkeypatch):
     """The unscheduled default (slow, mostly on one core) runs after every repeat of the others,
     ``slow_repeats`` times, so that it never runs just before another candidate's timed call."""
-    import torch  # noqa: PLC0415
-
     events = []
-
-    def candidates(wl, mode, schedules, peers=(), dtype="float32"):
-        def make(name):
-            def call():
-                events.append(name)
-                return torch.zeros(1)
-            return call
-        names = ("tvm-dcn default", "tvm-dcn hand", "torchvision", "dense conv2d")
-        return {name: make(name) for name in names}, None
-
-    monkeypatch.setattr(bench, "_conv_candidates", candidates)
+    monkeypatch.setattr(bench, "_conv_candidates", _recording_candidates(
+        events, ("tvm-dcn default", "tvm-dcn hand", "torchvision", "dense conv2d")))
     result = bench.run_case(CONV, 1, "forward", repeats=5, slow_repeats=2, warmup=0, log=lambda line: None)
     assert set(result.times_ms) == {"tvm-dcn default", "tvm-dcn hand", "torchvision", "dense conv2d"}
     # Set-up: torchvision's reference, each candidate once and the default's warm-up; then 5
@@ -216,19 +212,9 @@ def test_balanced_orders_are_permutations_with_every_succession_equally_often(n)
 def test_layers_repeats_are_interleaved(monkeypatch):
     """run_cases times repeat i of every layer (in a rotating order) before repeat i + 1 of any,
     so that a burst of load on the host hits every layer alike."""
-    import torch  # noqa: PLC0415
-
     events = []
-
-    def candidates(wl, mode, schedules, peers=(), dtype="float32"):
-        def make(name):
-            def call():
-                events.append((wl["in_channels"], name))
-                return torch.zeros(1)
-            return call
-        return {name: make(name) for name in ("tvm-dcn hand", "torchvision", "dense conv2d")}, None
-
-    monkeypatch.setattr(bench, "_conv_candidates", candidates)
+    monkeypatch.setattr(bench, "_conv_candidates", _recording_candidates(
+        events, ("tvm-dcn hand", "torchvision", "dense conv2d"), label=lambda wl, name: (wl["in_channels"], name)))
     layers = [(forward_workload(batch=1, in_channels=c, height=6, width=5, out_channels=4, kernel_size=(3, 3),
                                 padding=(1, 1), with_mask=True), 1) for c in (4, 8, 12)]
     repeats = 4
