@@ -86,6 +86,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
 
     ``per_stripe``: a consumer block of the columns computed per stripe, by the task that computed
     the stripe, right after it (fixed tiles only). Returns whether it was."""
+    paired = per_stripe is not None and not sampled
     _sampling(sch, lanes, sampled=sampled)
     transpose = sch.get_sblock("input_channels_last")
     n, i, c = sch.get_loops(transpose)
@@ -122,7 +123,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
     # another cache line, half of it used. Measured here (GEMMs alone, interleaved): 9% faster at
     # 512 channels x 56 pixels, 7-8% at 128 x 784, equal at 256 x 208.
     sch.transform_layout(tile_block, ("write", 0), column_stripes(lanes))
-    if per_stripe is not None and not sampled:
+    if paired:
         sch.reverse_compute_at(sch.get_sblock(per_stripe), stripe)
     sch.unroll(p_inner)
     sch.vectorize(c_inner)  # along channels: the corner reads are vector loads
@@ -137,10 +138,10 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
             pixel_blocks, tile_pixels = sch.split(tile_pixels, [None, cpu_transpose.TILE])
             sch.reorder(row_blocks, pixel_blocks, tile_rows)
         sch.tensorize(tile_rows, cpu_transpose.register())
-        return per_stripe is not None and not sampled
+        return paired
     sch.unroll(tile_rows)
     sch.vectorize(tile_pixels)  # stored along pixels: LLVM's own transposition
-    return per_stripe is not None and not sampled
+    return paired
 
 
 def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False,
