@@ -65,7 +65,7 @@ def register_tile(group_rows: int, pixel_vectors: int, registers: int) -> tuple[
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
                  cores: int, sampled: bool = False, registers: int = 16, epilogue: Optional[str] = None,
-                 dot: Optional[str] = None) -> None:
+                 dot: Optional[str] = None, consumer: Optional[str] = None) -> None:
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
     Each (rows x vectors*lanes) output tile stays in vector registers across the whole reduction,
@@ -86,6 +86,10 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     ``dot``: a tensor intrinsic computing one vector of ``lanes`` pixels over the block's innermost
     reduction loop (``cpu_bf16``: a bfloat16 pair per step), which then runs inside the tile
     instead of a vectorised FMA; the vector width is not sampled.
+
+    ``consumer``: an elementwise consumer of the GEMM that cannot be an ``epilogue`` (it drops
+    pixel padding a tile reaches into), computed by each parallel task for its own rows and
+    pixels right after its tiles: in the GEMM's parallel region, not one of its own.
     """
     gemm = sch.get_sblock(block)
     loops = sch.get_loops(gemm)
@@ -135,7 +139,10 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         order = (p_mid, row_mid) if vectors > 1 else (row_mid, p_mid)
         sch.reorder(n, row_outer, p_outer, *order, *reduction, *tile, *inner_reduction)
         middle = order[-1]
-    sch.parallel(sch.fuse(n, row_outer, p_outer))
+    task = sch.fuse(n, row_outer, p_outer)
+    sch.parallel(task)
+    if consumer is not None:
+        sch.reverse_compute_at(sch.get_sblock(consumer), task)
     if epilogue is None:
         accumulator = sch.cache_write(gemm, 0, "local")
     else:

@@ -87,7 +87,6 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
     ``per_stripe``: a consumer block of the columns computed per stripe, by the task that computed
     the stripe, right after it (fixed tiles only). Returns whether it was."""
     paired = per_stripe is not None and not sampled
-    _sampling(sch, lanes, sampled=sampled)
     transpose = sch.get_sblock("input_channels_last")
     n, i, c = sch.get_loops(transpose)
     sch.parallel(sch.fuse(n, i))
@@ -97,6 +96,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
     n, c, k, p = sch.get_loops(block)
     if not has_column_stripes(geo, lanes):
         # A tile of channels would straddle two offset groups (other corners): per row.
+        _sampling(sch, lanes, sampled=sampled)
         sch.parallel(sch.fuse(n, c, k))
         sch.vectorize(sch.split(p, [None, lanes])[1])
         return False
@@ -116,6 +116,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
         sch.reorder(n, p_outer, k, c_outer, p_inner, c_inner)
         stripe = sch.fuse(n, p_outer)
         sch.parallel(stripe)
+    _sampling_per_stripe(sch, p_serial if sampled else stripe)
     tile_block = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(tile_block, c_outer)
     # Columns stored in stripes of one pixel vector, (N, P'/lanes, C, K, lanes): the GEMM then
@@ -142,6 +143,17 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
     sch.unroll(tile_rows)
     sch.vectorize(tile_pixels)  # stored along pixels: LLVM's own transposition
     return paired
+
+
+def _sampling_per_stripe(sch: Schedule, stripe) -> None:
+    """The sampling stages computed per pixel stripe of the columns, by the task that samples
+    it: (offset groups x taps) rows of one pixel vector each, inside the columns' parallel loop
+    rather than three parallel loops of their own (on 2 cores each parallel region costs ~15 us
+    of waking the other worker, ~10% of a 256-channel forward)."""
+    for name in ("corner_weight", "corner_index", "sample_coord"):
+        block = sch.get_sblock(name)
+        sch.compute_at(block, stripe)
+        sch.vectorize(sch.get_loops(block)[-1])
 
 
 def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False,
@@ -183,9 +195,8 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
             parallel_vectorize(sch, "weight_widened", parallel_axes=1, lanes=lanes)
     blocked_gemm(sch, "gemm", group_rows=geo.group_out_channels, batch_rows=geo.batch * geo.out_channels,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
-                 registers=vector_registers(target), epilogue=epilogue, dot=dot)
-    if epilogue is None:
-        parallel_rows(sch, "output")
+                 registers=vector_registers(target), epilogue=epilogue, dot=dot,
+                 consumer=None if epilogue else "output")
 
 
 def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False) -> None:

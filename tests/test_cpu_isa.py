@@ -174,12 +174,17 @@ def test_parallel_tasks_are_shared_evenly_by_the_cores(channels, height, width):
     """Every parallel loop of the forward gives each of 2 cores the same number of tasks, or many
     tasks each: 3 GEMM tasks on 2 cores (192 channels, 64-row blocks) left one core idle for a third
     of the GEMM (now 48-row blocks, 4 tasks)."""
-    from tvm import tirx
-
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
     wl = forward_workload(batch=1, in_channels=channels, height=height, width=width, out_channels=channels,
                           kernel_size=(3, 3), padding=(1, 1), with_mask=True)
     _, mod = kernel.scheduled_module(wl, target, schedule="hand")
+    extents = _parallel_extents(mod)
+    assert extents and all(e % 2 == 0 or e >= 8 for e in extents), extents
+
+
+def _parallel_extents(mod) -> list[int]:
+    from tvm import tirx
+
     extents = []
 
     def visit(node):
@@ -187,7 +192,24 @@ def test_parallel_tasks_are_shared_evenly_by_the_cores(channels, height, width):
             extents.append(int(node.extent))
 
     tvm_ffi.structural_walk(mod["main"], [(tirx.For, visit)], order="post")
-    assert extents and all(e % 2 == 0 or e >= 8 for e in extents), extents
+    return extents
+
+
+@pytest.mark.parametrize("dtype, size, regions", [
+    ("float32", 7, 3),    # 49 pixels padded to 64: the output drops the padding in the GEMM's tasks
+    ("float32", 8, 3),    # 64 pixels: the output written from the GEMM's registers
+    ("float64", 7, 3),
+    ("bfloat16", 7, 3),   # the columns' pairs per stripe, in the columns' tasks
+    ("float16", 7, 4),    # + the weight widened once
+])
+def test_channels_last_forward_runs_in_three_parallel_regions(dtype, size, regions):
+    """Transposition, columns (with the sampling stages per stripe) and GEMM (with the output):
+    each parallel loop wakes the other workers (~15 us on 2 cores here), so stages that can share
+    one do."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
+    wl = _layer(channels=32, size=size, dtype=dtype)
+    _, mod = kernel.scheduled_module(wl, target, schedule="hand")
+    assert len(_parallel_extents(mod)) == regions, mod.script()
 
 
 def test_info_prints_the_vector_unit_and_the_bfloat16_gemm(capsys):
