@@ -37,7 +37,7 @@ def _child(**env_overrides) -> dict:
 def test_defaults_and_unpinned_workers():
     report = _child()
     cpus = len(os.sched_getaffinity(0))
-    assert report["env"] == {"TVM_THREAD_POOL_SPIN_COUNT": "0", "TVM_BIND_THREADS": "0",
+    assert report["env"] == {"TVM_THREAD_POOL_SPIN_COUNT": "100", "TVM_BIND_THREADS": "0",
                              "TVM_NUM_THREADS": str(cpus), "OMP_WAIT_POLICY": "PASSIVE"}
     if cpus > 1:
         assert all(len(cpu_set) == cpus for cpu_set in report["threads"]), report["threads"]
