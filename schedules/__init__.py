@@ -8,7 +8,7 @@ its operators and target kind by ``@register(target_kind, *ops)`` beside its cod
 """
 from __future__ import annotations
 
-from .registry import find, find_template, register  # noqa: F401
+from .registry import HAND_DECISIONS, find, find_hand_point, find_template, register  # noqa: F401
 
 from . import cpu_bf16, cpu_deform_conv2d, cpu_roi_align, cpu_transpose  # noqa: E402,F401  (register their schedules)
 from . import cuda_deform_conv2d, cuda_roi_align  # noqa: E402,F401

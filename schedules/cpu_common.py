@@ -5,6 +5,7 @@ from typing import Optional
 
 from .._utils import largest_divisor
 from ..cpu_isa import vector_unit
+from .registry import HAND_DECISIONS
 
 
 def vector_lanes(dtype: str, target) -> int:
@@ -13,7 +14,13 @@ def vector_lanes(dtype: str, target) -> int:
     return vector_unit(target).lanes(dtype)
 
 
-def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled: bool = False) -> None:
+def hand_decision(sampled, choice):
+    """``choice`` (a decision: split factors, a categorical index) where ``sampled`` asks for the
+    hand schedule's decisions, else None (MetaSchedule samples one)."""
+    return choice if sampled == HAND_DECISIONS else None
+
+
+def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled=False) -> None:
     """Fuse the first ``parallel_axes`` loops into a parallel loop and vectorise the innermost loop
     by ``lanes`` (its extent must be a multiple of ``lanes``).
 
@@ -23,10 +30,17 @@ def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled:
     loops = sch.get_loops(sch.get_sblock(block))
     outer = sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0]
     if sampled:
-        outer = sch.split(outer, sch.sample_perfect_tile(outer, n=2))[0]
+        # Hand: every iteration a parallel task, ``lanes`` wide.
+        outer_extent = int(sch.get(outer).extent)
+        outer = sch.split(outer, sch.sample_perfect_tile(
+            outer, n=2, decision=hand_decision(sampled, [outer_extent, 1])))[0]
         extent = int(sch.get(loops[-1]).extent)
         widths = [w for w in (lanes // 2, lanes, 2 * lanes) if w >= 1 and extent % w == 0]
-        lanes = sch.sample_categorical(widths, [1 / len(widths)] * len(widths)) if len(widths) > 1 else widths[0]
+        if len(widths) > 1:
+            hand = widths.index(lanes) if lanes in widths else None
+            lanes = sch.sample_categorical(widths, [1 / len(widths)] * len(widths), decision=hand_decision(sampled, hand))
+        else:
+            lanes = widths[0]
     sch.parallel(outer)
     _, inner = sch.split(loops[-1], [None, lanes])
     sch.vectorize(inner)
@@ -64,7 +78,7 @@ def register_tile(group_rows: int, pixel_vectors: int, registers: int) -> tuple[
 
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
-                 cores: int, sampled: bool = False, registers: int = 16, epilogue: Optional[str] = None,
+                 cores: int, sampled=False, registers: int = 16, epilogue: Optional[str] = None,
                  dot: Optional[str] = None, consumer: Optional[str] = None) -> None:
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
@@ -97,36 +111,30 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     # With a dot product the innermost reduction loop belongs to the intrinsic, inside the tile.
     inner_reduction = [reduction[-1]] if dot else []
     reduction = reduction[:-1] if dot else reduction
+    hand = _hand_tiles(group_rows, batch_rows, pixel_vectors, cores, registers)
     if sampled:
+        # The hand point: its task shape and register tile, and its loop order as the rows'
+        # middle factor on one side or the other of the pixels' middle loop.
+        rows, vectors, block_rows, pixel_blocks = hand
+        mid = block_rows // rows
+        row_extent = int(sch.get(row).extent)
+        hand_rows = [row_extent // block_rows] + ([1, mid] if vectors > 1 else [mid, 1]) + [rows]
+        hand_pixels = [pixel_blocks, pixel_vectors // (pixel_blocks * vectors), vectors]
         row_outer, row_before, row_after, row_inner = sch.split(
-            row, sch.sample_perfect_tile(row, n=4, max_innermost_factor=2 * ACCUMULATOR_VECTORS))
+            row, sch.sample_perfect_tile(row, n=4, max_innermost_factor=2 * ACCUMULATOR_VECTORS,
+                                         decision=hand_decision(sampled, hand_rows)))
         p_vectors, p_lanes = sch.split(p, [None, lanes])
-        p_outer, p_mid, p_vector = sch.split(p_vectors, sch.sample_perfect_tile(p_vectors, n=3, max_innermost_factor=8))
+        p_outer, p_mid, p_vector = sch.split(p_vectors, sch.sample_perfect_tile(
+            p_vectors, n=3, max_innermost_factor=8, decision=hand_decision(sampled, hand_pixels)))
         # The vector width: lanes, or half of it with twice the vectors (a decision, not a branch).
-        width = sch.sample_categorical([1, 2], [0.5, 0.5]) if lanes % 2 == 0 and not dot else 1
+        width = sch.sample_categorical([1, 2], [0.5, 0.5], decision=hand_decision(sampled, 0)) \
+            if lanes % 2 == 0 and not dot else 1
         p_half, p_inner = sch.split(p_lanes, [width, None])
         tile = [row_inner, p_vector, p_half, p_inner]
         sch.reorder(n, row_outer, p_outer, row_before, p_mid, row_after, *reduction, *tile, *inner_reduction)
         middle = row_after
     else:
-        rows, vectors = register_tile(group_rows, pixel_vectors, registers)
-        block_rows = largest_divisor(group_rows, ROW_BLOCK, multiple_of=rows)
-        if block_rows % rows:
-            block_rows = rows
-        # Enough parallel tasks for every core: split pixels only when row blocks are too few.
-        row_blocks = batch_rows // block_rows
-        tile_columns = pixel_vectors // vectors
-        pixel_blocks = 1
-        while row_blocks * pixel_blocks < 4 * cores and tile_columns % (pixel_blocks * 2) == 0:
-            pixel_blocks *= 2
-        # Tasks the cores share evenly: a count neither a multiple of the cores nor several times
-        # their number leaves cores idle at the end: then smaller row blocks (192 channels x 608
-        # pixels on 2 cores: 3 tasks of 64 rows became 4 of 48, forward 1.41 -> 1.12 ms).
-        while not _balanced(row_blocks * pixel_blocks, cores) and block_rows > rows:
-            smaller = largest_divisor(group_rows, block_rows - 1, multiple_of=rows)
-            if smaller % rows:
-                break
-            block_rows, row_blocks = smaller, batch_rows // smaller
+        rows, vectors, block_rows, pixel_blocks = hand
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
         p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
         tile = [row_inner, p_vector, p_inner]
@@ -165,6 +173,31 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         for loop in acc_loops[-len(tile):-1]:
             sch.unroll(loop)
         sch.vectorize(acc_loops[-1])
+
+
+def _hand_tiles(group_rows: int, batch_rows: int, pixel_vectors: int, cores: int,
+                registers: int) -> tuple[int, int, int, int]:
+    """The hand schedule's GEMM tiling: (register tile rows, its pixel vectors, rows of a
+    parallel task's block, pixel blocks)."""
+    rows, vectors = register_tile(group_rows, pixel_vectors, registers)
+    block_rows = largest_divisor(group_rows, ROW_BLOCK, multiple_of=rows)
+    if block_rows % rows:
+        block_rows = rows
+    # Enough parallel tasks for every core: split pixels only when row blocks are too few.
+    row_blocks = batch_rows // block_rows
+    tile_columns = pixel_vectors // vectors
+    pixel_blocks = 1
+    while row_blocks * pixel_blocks < 4 * cores and tile_columns % (pixel_blocks * 2) == 0:
+        pixel_blocks *= 2
+    # Tasks the cores share evenly: a count neither a multiple of the cores nor several times
+    # their number leaves cores idle at the end: then smaller row blocks (192 channels x 608
+    # pixels on 2 cores: 3 tasks of 64 rows became 4 of 48, forward 1.41 -> 1.12 ms).
+    while not _balanced(row_blocks * pixel_blocks, cores) and block_rows > rows:
+        smaller = largest_divisor(group_rows, block_rows - 1, multiple_of=rows)
+        if smaller % rows:
+            break
+        block_rows, row_blocks = smaller, batch_rows // smaller
+    return rows, vectors, block_rows, pixel_blocks
 
 
 def _balanced(tasks: int, cores: int) -> bool:

@@ -26,7 +26,7 @@ from tvm.s_tir import Schedule
 
 from .._utils import largest_divisor
 from . import cpu_bf16, cpu_transpose
-from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, parallel_rows,
+from .cpu_common import (ACCUMULATOR_VECTORS, blocked_gemm, core_count, hand_decision, parallel_rows,
                          parallel_vectorize, vector_lanes, vector_registers)
 from .registry import register
 
@@ -42,13 +42,13 @@ def geometry(workload, target):
     return geo, min(vector_lanes(geo.compute_dtype, target), geo.pixel_align)
 
 
-def _sampling(sch: Schedule, lanes: int, *, weights: bool = True, sampled: bool = False) -> None:
+def _sampling(sch: Schedule, lanes: int, *, weights: bool = True, sampled=False) -> None:
     blocks = ("sample_coord", "corner_index") + (("corner_weight",) if weights else ())
     for block in blocks:
         parallel_vectorize(sch, block, parallel_axes=3, lanes=lanes, sampled=sampled)
 
 
-def _columns(sch: Schedule, lanes: int, sampled: bool = False) -> None:
+def _columns(sch: Schedule, lanes: int, sampled=False) -> None:
     _sampling(sch, lanes, sampled=sampled)
     parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes, sampled=sampled)
 
@@ -74,7 +74,7 @@ def has_column_stripes(geo, lanes: int) -> bool:
     return geo.channels_per_offset_group % column_tile(geo, lanes) == 0
 
 
-def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False,
+def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled=False,
                            per_stripe: Optional[str] = None) -> bool:
     """input_channels_last and the (N, C, K, P') deform_col (``ops.deform_conv.channel_major_columns``):
     each (tile channels x tile pixels) tile of one tap is computed with vector loads along the
@@ -104,8 +104,12 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool = False
     c_outer, c_inner = sch.split(c, [None, tile])
     p_outer, p_inner = sch.split(p, [None, lanes])
     if sampled:
-        p_tasks, p_serial = sch.split(p_outer, sch.sample_perfect_tile(p_outer, n=2))
-        c_before, c_after = sch.split(c_outer, sch.sample_perfect_tile(c_outer, n=2))
+        # Hand: every stripe a task; taps outside all channel tiles.
+        stripes, channel_tiles = int(sch.get(p_outer).extent), int(sch.get(c_outer).extent)
+        p_tasks, p_serial = sch.split(p_outer, sch.sample_perfect_tile(
+            p_outer, n=2, decision=hand_decision(sampled, [stripes, 1])))
+        c_before, c_after = sch.split(c_outer, sch.sample_perfect_tile(
+            c_outer, n=2, decision=hand_decision(sampled, [1, channel_tiles])))
         sch.reorder(n, p_tasks, p_serial, c_before, k, c_after, p_inner, c_inner)
         sch.parallel(sch.fuse(n, p_tasks))
         c_outer = c_after
@@ -156,7 +160,7 @@ def _sampling_per_stripe(sch: Schedule, stripe) -> None:
         sch.vectorize(sch.get_loops(block)[-1])
 
 
-def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False,
+def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled=False,
                     per_stripe: Optional[str] = None) -> bool:
     """The forward's sampling and im2col stages, in the workload's column formulation;
     ``per_stripe`` as in ``_channels_last_columns`` (returns whether it was computed so)."""
@@ -169,7 +173,7 @@ def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = Fa
 
 
 @register("llvm", "deform_conv2d")
-def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
+def schedule(sch: Schedule, workload, target, sampled=False) -> None:
     """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
 
     ``sampled`` (all schedules here): tile sizes are MetaSchedule decisions: the schedule is then
@@ -199,7 +203,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool = False) -> None:
                  consumer=None if epilogue else "output")
 
 
-def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = False) -> None:
+def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled=False) -> None:
     """The float32 columns as in the float32 forward, then rounded to bfloat16 into their pairs
     (``ops.deform_conv.pair_columns``), one vector of 16 pixels per row. Where the columns are
     computed in stripes of one pixel vector, each stripe is paired right after it is computed, by
@@ -216,7 +220,7 @@ def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool = Fals
 
 
 @register("llvm", "deform_conv2d_backward_data")
-def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = False) -> None:
+def schedule_backward_data(sch: Schedule, workload, target, sampled=False) -> None:
     """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
     sums that give the offset and mask gradients."""
     geo, lanes = geometry(workload, target)
@@ -244,7 +248,7 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool = Fals
 
 
 @register("llvm", "deform_conv2d_backward_weight")
-def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool = False) -> None:
+def schedule_backward_weight(sch: Schedule, workload, target, sampled=False) -> None:
     """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
     grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""
     geo, lanes = geometry(workload, target)
@@ -258,8 +262,11 @@ def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool = Fa
         block = sch.get_sblock("grad_weight")
         co, r, n, p = sch.get_loops(block)
         if sampled:
-            co_outer, co_inner = sch.split(co, sch.sample_perfect_tile(co, n=2, max_innermost_factor=16))
-            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(r, n=2, max_innermost_factor=2 * lanes))
+            co_extent, r_extent = int(sch.get(co).extent), int(sch.get(r).extent)
+            co_outer, co_inner = sch.split(co, sch.sample_perfect_tile(
+                co, n=2, max_innermost_factor=16, decision=hand_decision(sampled, [co_extent // rows, rows])))
+            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(
+                r, n=2, max_innermost_factor=2 * lanes, decision=hand_decision(sampled, [r_extent // r_lanes, r_lanes])))
         else:
             co_outer, co_inner = sch.split(co, [None, rows])
             r_outer, r_inner = sch.split(r, [None, r_lanes])

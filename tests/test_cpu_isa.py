@@ -15,7 +15,7 @@ import tvm_ffi
 import tvm_dcn
 from tvm_dcn import kernel, ops
 from tvm_dcn.ops.deform_conv import ConvGeometry, forward_workload, padded_pixels
-from tvm_dcn.schedules import cpu_common, find_template
+from tvm_dcn.schedules import cpu_common, find, find_hand_point, find_template
 from tvm_dcn.target import cpu_vector_unit
 
 AVX512 = {"kind": "llvm", "mcpu": "znver5", "num-cores": 2}
@@ -222,3 +222,50 @@ def test_info_prints_the_vector_unit_and_the_bfloat16_gemm(capsys):
     assert f"vector unit:    {unit.isa}, {unit.vector_bits}-bit x {unit.registers} registers" in out
     assert ("vdpbf16ps" in out) == unit.bf16_dot
     assert "TVM_BIND_THREADS=" in out
+
+
+@pytest.mark.parametrize("op, channels, dtype", [
+    ("deform_conv2d", 32, "float32"),     # channels-last columns, 2-vector GEMM tiles
+    ("deform_conv2d", 12, "float32"),     # gather columns
+    ("deform_conv2d", 32, "float64"),
+    ("deform_conv2d_backward_data", 32, "float32"),
+    ("deform_conv2d_backward_weight", 32, "float32"),
+])
+def test_hand_point_of_the_design_space_computes_as_the_hand_schedule(op, channels, dtype):
+    """The hand choices expressed as the template's decisions (the tuner's starting point): the
+    same results as the hand schedule, every sampling instruction decided, not drawn (schedules
+    of different random seeds agree), and the decisions are there to mutate."""
+    from tvm_dcn.ops.deform_conv import backward_data_workload, backward_weight_workload
+
+    target = tvm_dcn.target.as_target(None)  # run here
+    wl = forward_workload(batch=1, in_channels=channels, height=9, width=9, out_channels=32, kernel_size=(3, 3),
+                          padding=(1, 1), with_mask=True, dtype=dtype)
+    if op.endswith("data"):
+        wl = backward_data_workload(wl, need_input=True, need_sampling=True)
+    elif op.endswith("weight"):
+        wl = backward_weight_workload(wl, need_weight=True, need_bias=False)
+    wl = ops.for_target(wl, target)
+    schedules = {}
+    for name, find_schedule in (("hand", find), ("point", find_hand_point)):
+        sch = tvm.s_tir.Schedule(ops.ir_module(wl))
+        find_schedule(op, "llvm")(sch, wl, target)
+        schedules[name] = sch
+    point = schedules["point"]
+    assert any(inst.kind.name == "SamplePerfectTile" for inst in point.trace.insts)
+    for seed in (1, 2, 3):
+        other = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
+        find_hand_point(op, "llvm")(other, wl, target)
+        tvm.ir.assert_structural_equal(other.mod, point.mod)
+    definition = ops.registry.build(wl)
+    generator = torch.Generator().manual_seed(4)
+    inputs = [torch.randn([int(x) for x in t.shape], generator=generator, dtype=getattr(torch, dtype))
+              for t in definition.args[:len(definition.args) - definition.num_outputs]]
+    results = {}
+    for name, sch in schedules.items():
+        lib = tvm.compile(sch.mod, target=target)
+        outputs = [torch.zeros([int(x) for x in t.shape], dtype=getattr(torch, dtype))
+                   for t in definition.args[len(definition.args) - definition.num_outputs:]]
+        lib["main"](*inputs, *outputs)
+        results[name] = outputs
+    for hand, found in zip(results["hand"], results["point"]):
+        torch.testing.assert_close(found, hand, rtol=1e-5, atol=1e-4)

@@ -33,7 +33,7 @@ TINY = forward_workload(batch=1, in_channels=4, height=5, width=6, out_channels=
                         padding=(1, 1), with_mask=True)
 # Tests that tune in this process share a pytest-xdist worker: MetaSchedule's start-up (tensor
 # intrinsics, ~20 s) is paid once, and the `tuned` run serves them all.
-SEARCH = dict(trials_per_task=2, num_trials_per_iter=2, population=8, genetic_iters=1, verify_top=2, progress=False)
+SEARCH = dict(trials_per_task=3, num_trials_per_iter=2, population=8, genetic_iters=1, verify_top=2, progress=False)
 
 
 @pytest.fixture
@@ -176,8 +176,27 @@ def test_tune_leaves_the_process_logging_alone(tuned, application_log_handlers):
 def test_tune_seeds_with_hand_and_searches(tuned):
     _, result = tuned
     (task,) = result.tasks
-    assert task.count == 2 and task.trials >= 2  # the hand seed plus searched candidates
+    assert task.count == 2 and task.trials >= 3  # the two hand seeds plus searched candidates
     assert task.hand_seconds and task.best_seconds <= task.hand_seconds
+
+
+@pytest.mark.xdist_group("metaschedule")
+def test_tune_seeds_the_hand_point_of_the_design_space(tuned):
+    """Besides the hand schedule, the work dir holds its point in the design space: the template's
+    sampling instructions with the hand choices as decisions, which the search's mutations change
+    (the fixed schedule's trace has no decisions)."""
+    from tvm_dcn import _meta_schedule, ops  # noqa: PLC0415
+    from tvm_dcn.target import as_target  # noqa: PLC0415
+
+    root, _ = tuned
+    target = as_target(None)
+    wl = ops.for_target(TINY, target)
+    db = _meta_schedule.meta_schedule().database.JSONDatabase(work_dir=str(root / "work"))
+    traces = [str(r.trace) for r in _meta_schedule.records_of(db, wl)]
+    point, hand = tune.hand_trace(wl, target, decisions=True), tune.hand_trace(wl, target)
+    assert str(point) in traces and str(hand) in traces
+    assert any(inst.kind.name == "SamplePerfectTile" for inst in point.insts)
+    assert not any(inst.kind.name.startswith("Sample") for inst in hand.insts)
 
 
 @pytest.mark.xdist_group("metaschedule")

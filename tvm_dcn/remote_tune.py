@@ -246,8 +246,8 @@ def generate_candidates(work_dir: os.PathLike, out_dir: os.PathLike) -> RoundSum
 
 def _new_schedules(session: _Session, index: int, want: int, measured: set, cost_model, first: bool) -> list:
     """Up to ``want`` schedules of task ``index`` not handed out before (their module hashes go
-    into ``measured``): the hand schedule first in a task's first round, then MetaSchedule's
-    evolutionary search."""
+    into ``measured``): the hand schedule and its point in the design space (``tune.seed_with_hand``)
+    first in a task's first round, then MetaSchedule's evolutionary search."""
     import tvm_ffi  # noqa: PLC0415
 
     from .tune import hand_trace  # noqa: PLC0415
@@ -263,9 +263,8 @@ def _new_schedules(session: _Session, index: int, want: int, measured: set, cost
         picked.append(sch)
         return True
 
-    if first:
-        trace = hand_trace(wl, session.target)
-        if trace is not None:
+    for trace in (hand_trace(wl, session.target), hand_trace(wl, session.target, decisions=True)) if first else ():
+        if trace is not None and len(picked) < want:
             sch = tvm.s_tir.Schedule(ir_module(wl))
             trace.apply_to_schedule(sch, remove_postproc=False)
             take(sch)

@@ -229,11 +229,13 @@ def make_builder(target, max_workers: int = 1):
                                    initializer=functools.partial(_warm_builder_worker, *intrinsics_key(target)))
 
 
-def hand_trace(workload: Workload, target):
-    """The trace of the hand schedule of ``workload`` (None if it has none)."""
-    from .schedules import find  # noqa: PLC0415
+def hand_trace(workload: Workload, target, *, decisions: bool = False):
+    """The trace of the hand schedule of ``workload`` (None if it has none). ``decisions``: its
+    point in the design space instead (``schedules.HAND_DECISIONS``: the template's sampling
+    instructions, the hand choices as decisions), None where the schedule has no template."""
+    from .schedules import find, find_hand_point  # noqa: PLC0415
 
-    hand = find(workload.op, target.kind.name)
+    hand = (find_hand_point if decisions else find)(workload.op, target.kind.name)
     if hand is None:
         return None
     sch = tvm.s_tir.Schedule(ir_module(workload))
@@ -242,21 +244,28 @@ def hand_trace(workload: Workload, target):
 
 
 def seed_with_hand(db, workload: Workload, target, builder, runner) -> tuple[Optional[float], object]:
-    """Measure the hand schedule of ``workload`` and commit it to ``db``: (its mean seconds, None
-    if it failed; its trace, None if the operator has no hand schedule)."""
+    """Measure the hand schedule of ``workload`` and its point in the design space (where it has
+    one) and commit them to ``db``: the search's first population then holds the hand point with
+    decisions its mutations change (the fixed schedule's trace has none). Returns the fixed hand
+    schedule's (mean seconds, None if it failed; trace, None if the operator has no hand
+    schedule)."""
     ms = meta_schedule()
     trace = hand_trace(workload, target)
     if trace is None:
         return None, None
-    sch = tvm.s_tir.Schedule(ir_module(workload))
-    trace.apply_to_schedule(sch, remove_postproc=False)
-    (run_secs,) = _measure_many([sch.mod], target, builder, runner)
-    if run_secs is None:
-        return None, trace
+    traces = [t for t in (trace, hand_trace(workload, target, decisions=True)) if t is not None]
+    mods = []
+    for t in traces:
+        sch = tvm.s_tir.Schedule(ir_module(workload))
+        t.apply_to_schedule(sch, remove_postproc=False)
+        mods.append(sch.mod)
     mod = ir_module(workload)
-    db.commit_tuning_record(ms.database.TuningRecord(
-        trace, db.commit_workload(mod), run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
-    return sum(run_secs) / len(run_secs), trace
+    measured = _measure_many(mods, target, builder, runner)
+    for t, run_secs in zip(traces, measured):
+        if run_secs is not None:
+            db.commit_tuning_record(ms.database.TuningRecord(
+                t, db.commit_workload(mod), run_secs, target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    return (sum(measured[0]) / len(measured[0]) if measured[0] is not None else None), trace
 
 
 class _Progress:
