@@ -278,10 +278,12 @@ def schedule_backward_weight(sch: Schedule, workload, target, sampled=False) -> 
         sch.unroll(co_inner)
         sch.vectorize(r_inner)
         sch.decompose_reduction(block, n)
-        # The accumulator's (co_inner, r_inner) loops; a unit extent (1x1 depthwise) leaves none
-        # (and with sampled tiles their number depends on the decisions: left alone then).
-        acc_loops = sch.get_loops(accumulator)[1:]
-        if len(acc_loops) == 2 and not sampled:
+        # The accumulator's (co_inner, r_inner) loops; a unit extent (1x1 depthwise) leaves none.
+        # With sampled tiles their number depends on the decisions, so not even asked for: a
+        # trace whose GetLoops returns another number of loops on replay (a mutated decision)
+        # stops MetaSchedule's search with an error.
+        acc_loops = sch.get_loops(accumulator)[1:] if not sampled else []
+        if len(acc_loops) == 2:
             sch.unroll(acc_loops[0])
             sch.vectorize(acc_loops[1])
     if workload["with_bias"]:

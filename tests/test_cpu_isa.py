@@ -269,3 +269,48 @@ def test_hand_point_of_the_design_space_computes_as_the_hand_schedule(op, channe
         results[name] = outputs
     for hand, found in zip(results["hand"], results["point"]):
         torch.testing.assert_close(found, hand, rtol=1e-5, atol=1e-4)
+
+
+def _extreme_tiles(decision: list[int], max_innermost: int) -> list[list[int]]:
+    """Other factorisations of a perfect tile: everything in one position (the innermost only up
+    to ``max_innermost``), the rest unit extents, which is where a loop count changes."""
+    extent = 1
+    for factor in decision:
+        extent *= factor
+    tiles = []
+    for position in range(len(decision)):
+        if position == len(decision) - 1 and extent > max_innermost:
+            continue
+        tiles.append([extent if i == position else 1 for i in range(len(decision))])
+    return [t for t in tiles if t != decision]
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "deform_conv2d_backward_data", "deform_conv2d_backward_weight"])
+def test_every_tile_decision_of_the_template_replays(op):
+    """MetaSchedule's search mutates one decision of a trace and replays it; an instruction whose
+    outputs depend on the decisions (GetLoops under a compute-at) then fails the replay, and the
+    error stops the whole search. From the hand point, every perfect tile moved to its extremes
+    must replay."""
+    from tvm_dcn.ops.deform_conv import backward_data_workload, backward_weight_workload
+
+    target = tvm_dcn.target.as_target(None)
+    wl = forward_workload(batch=1, in_channels=32, height=9, width=9, out_channels=32, kernel_size=(3, 3),
+                          padding=(1, 1), with_mask=True)
+    if op.endswith("data"):
+        wl = backward_data_workload(wl, need_input=True, need_sampling=True)
+    elif op.endswith("weight"):
+        wl = backward_weight_workload(wl, need_weight=True, need_bias=False)
+    wl = ops.for_target(wl, target)
+    sch = tvm.s_tir.Schedule(ops.ir_module(wl))
+    find_hand_point(op, "llvm")(sch, wl, target)
+    tiles = [inst for inst in sch.trace.insts if inst.kind.name == "SamplePerfectTile"]
+    assert tiles
+    replays = 0
+    for inst in tiles:
+        decision = [int(f) for f in sch.trace.decisions[inst]]
+        for other in _extreme_tiles(decision, int(inst.attrs[1])):
+            replayed = tvm.s_tir.Schedule(ops.ir_module(wl))
+            sch.trace.with_decision(inst, other, remove_postproc=True).apply_to_schedule(replayed,
+                                                                                       remove_postproc=False)
+            replays += 1
+    assert replays
