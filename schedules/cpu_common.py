@@ -20,7 +20,7 @@ def hand_decision(sampled, choice):
     return choice if sampled == HAND_DECISIONS else None
 
 
-def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled=False) -> None:
+def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled: bool | str = False) -> None:
     """Fuse the first ``parallel_axes`` loops into a parallel loop and vectorise the innermost loop
     by ``lanes`` (its extent must be a multiple of ``lanes``).
 
@@ -37,8 +37,8 @@ def parallel_vectorize(sch, block: str, parallel_axes: int, lanes: int, sampled=
         extent = int(sch.get(loops[-1]).extent)
         widths = [w for w in (lanes // 2, lanes, 2 * lanes) if w >= 1 and extent % w == 0]
         if len(widths) > 1:
-            hand = widths.index(lanes) if lanes in widths else None
-            lanes = sch.sample_categorical(widths, [1 / len(widths)] * len(widths), decision=hand_decision(sampled, hand))
+            hand_width = hand_decision(sampled, widths.index(lanes) if lanes in widths else None)
+            lanes = sch.sample_categorical(widths, [1 / len(widths)] * len(widths), decision=hand_width)
         else:
             lanes = widths[0]
     sch.parallel(outer)
@@ -78,7 +78,7 @@ def register_tile(group_rows: int, pixel_vectors: int, registers: int) -> tuple[
 
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
-                 cores: int, sampled=False, registers: int = 16, epilogue: Optional[str] = None,
+                 cores: int, sampled: bool | str = False, registers: int = 16, epilogue: Optional[str] = None,
                  dot: Optional[str] = None, consumer: Optional[str] = None) -> None:
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
@@ -111,11 +111,11 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     # With a dot product the innermost reduction loop belongs to the intrinsic, inside the tile.
     inner_reduction = [reduction[-1]] if dot else []
     reduction = reduction[:-1] if dot else reduction
-    hand = _hand_tiles(group_rows, batch_rows, pixel_vectors, cores, registers)
+    hand_tiles = _hand_tiles(group_rows, batch_rows, pixel_vectors, cores, registers)
     if sampled:
         # The hand point: its task shape and register tile, and its loop order as the rows'
         # middle factor on one side or the other of the pixels' middle loop.
-        rows, vectors, block_rows, pixel_blocks = hand
+        rows, vectors, block_rows, pixel_blocks = hand_tiles
         mid = block_rows // rows
         row_extent = int(sch.get(row).extent)
         hand_rows = [row_extent // block_rows] + ([1, mid] if vectors > 1 else [mid, 1]) + [rows]
@@ -134,7 +134,7 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         sch.reorder(n, row_outer, p_outer, row_before, p_mid, row_after, *reduction, *tile, *inner_reduction)
         middle = row_after
     else:
-        rows, vectors, block_rows, pixel_blocks = hand
+        rows, vectors, block_rows, pixel_blocks = hand_tiles
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
         p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
         tile = [row_inner, p_vector, p_inner]

@@ -1,8 +1,9 @@
 """CPU hand schedules for the deformable convolution, forward and backward
 (``tvm_dcn/ops/deform_conv.py``; blocks are addressed by its stage names).
 
-- Sampling stages (coordinates, corner indices/weights): parallel over (batch, offset group, tap),
-  vectorised along output pixels.
+- Sampling stages (coordinates, corner indices/weights): with channels-last columns computed per
+  pixel stripe by the task that samples the stripe (no parallel loop of their own); else, and in
+  the backward, parallel over (batch, offset group, tap); vectorised along output pixels.
 - Forward im2col (channels-last): the input is transposed to channels-last, then each
   (lanes x lanes) tile of (channels at one tap) x pixels is computed with vector loads along the
   channels (the four corners of a sample are contiguous there) into registers and stored
@@ -42,13 +43,13 @@ def geometry(workload, target):
     return geo, min(vector_lanes(geo.compute_dtype, target), geo.pixel_align)
 
 
-def _sampling(sch: Schedule, lanes: int, *, weights: bool = True, sampled=False) -> None:
+def _sampling(sch: Schedule, lanes: int, *, weights: bool = True, sampled: bool | str = False) -> None:
     blocks = ("sample_coord", "corner_index") + (("corner_weight",) if weights else ())
     for block in blocks:
         parallel_vectorize(sch, block, parallel_axes=3, lanes=lanes, sampled=sampled)
 
 
-def _columns(sch: Schedule, lanes: int, sampled=False) -> None:
+def _columns(sch: Schedule, lanes: int, sampled: bool | str = False) -> None:
     _sampling(sch, lanes, sampled=sampled)
     parallel_vectorize(sch, "deform_col", parallel_axes=2, lanes=lanes, sampled=sampled)
 
@@ -74,19 +75,20 @@ def has_column_stripes(geo, lanes: int) -> bool:
     return geo.channels_per_offset_group % column_tile(geo, lanes) == 0
 
 
-def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled=False,
+def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled: bool | str = False,
                            per_stripe: Optional[str] = None) -> bool:
     """input_channels_last and the (N, C, K, P') deform_col (``ops.deform_conv.channel_major_columns``):
     each (tile channels x tile pixels) tile of one tap is computed with vector loads along the
     channels into registers and stored transposed (pixels contiguous, as the GEMM reads them).
 
-    ``sampled``: the sampling stages as in ``parallel_vectorize``; the stripes of a parallel task
-    and the loop order of taps and channel tiles (the channel tiles' loop split in two, one on
-    either side of the taps' loop) are decisions.
+    ``sampled``: the stripes of a parallel task and the loop order of taps and channel tiles (the
+    channel tiles' loop split in two, one on either side of the taps' loop) are decisions (the
+    sampling stages, computed per stripe, have none; where channels straddle offset groups they
+    are as in ``parallel_vectorize``).
 
     ``per_stripe``: a consumer block of the columns computed per stripe, by the task that computed
-    the stripe, right after it (fixed tiles only). Returns whether it was."""
-    paired = per_stripe is not None and not sampled
+    the stripe, right after it. Returns whether it was."""
+    paired = per_stripe is not None
     transpose = sch.get_sblock("input_channels_last")
     n, i, c = sch.get_loops(transpose)
     sch.parallel(sch.fuse(n, i))
@@ -112,7 +114,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled=False,
             c_outer, n=2, decision=hand_decision(sampled, [1, channel_tiles])))
         sch.reorder(n, p_tasks, p_serial, c_before, k, c_after, p_inner, c_inner)
         sch.parallel(sch.fuse(n, p_tasks))
-        c_outer = c_after
+        c_outer, stripe = c_after, p_serial
     else:
         # Taps outside channel tiles: the corner indices and weights of a tap's pixels are read
         # for every channel tile in a row (measured: sampling 5-20% faster than channel tiles
@@ -120,7 +122,7 @@ def _channels_last_columns(sch: Schedule, geo, lanes: int, sampled=False,
         sch.reorder(n, p_outer, k, c_outer, p_inner, c_inner)
         stripe = sch.fuse(n, p_outer)
         sch.parallel(stripe)
-    _sampling_per_stripe(sch, p_serial if sampled else stripe)
+    _sampling_per_stripe(sch, stripe)
     tile_block = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(tile_block, c_outer)
     # Columns stored in stripes of one pixel vector, (N, P'/lanes, C, K, lanes): the GEMM then
@@ -160,7 +162,7 @@ def _sampling_per_stripe(sch: Schedule, stripe) -> None:
         sch.vectorize(sch.get_loops(block)[-1])
 
 
-def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled=False,
+def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool | str = False,
                     per_stripe: Optional[str] = None) -> bool:
     """The forward's sampling and im2col stages, in the workload's column formulation;
     ``per_stripe`` as in ``_channels_last_columns`` (returns whether it was computed so)."""
@@ -173,14 +175,16 @@ def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled=False,
 
 
 @register("llvm", "deform_conv2d")
-def schedule(sch: Schedule, workload, target, sampled=False) -> None:
+def schedule(sch: Schedule, workload, target, sampled: bool | str = False) -> None:
     """deform_conv2d: sampling, deformable im2col, output GEMM, bias.
 
     ``sampled`` (all schedules here): tile sizes are MetaSchedule decisions: the schedule is then
-    a design space the tuner searches (``tvm_dcn.tune``), the hand choices one point of it. In the
-    forward every stage's: the sampling stages' vector width and parallel split, the columns'
-    stripes per task and tap / channel-tile order, the GEMM's register tile, vector width, task
-    shape and loop order (``blocked_gemm``)."""
+    a design space the tuner searches (``tvm_dcn.tune``); ``HAND_DECISIONS``: its sampling
+    instructions with the hand choices as decisions (the tuner's starting point, the same tiles
+    and loop order as the hand schedule; write-back loops left to LLVM, as in every point). In the
+    forward: the columns' stripes per task and tap / channel-tile order (with gather columns the
+    sampling stages' vector width and parallel split), the GEMM's register tile, vector width,
+    task shape and loop order (``blocked_gemm``)."""
     from tvm_dcn.ops.deform_conv import GEMM_BF16_DOT
 
     geo, lanes = geometry(workload, target)
@@ -203,7 +207,7 @@ def schedule(sch: Schedule, workload, target, sampled=False) -> None:
                  consumer=None if epilogue else "output")
 
 
-def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled=False) -> None:
+def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool | str = False) -> None:
     """The float32 columns as in the float32 forward, then rounded to bfloat16 into their pairs
     (``ops.deform_conv.pair_columns``), one vector of 16 pixels per row. Where the columns are
     computed in stripes of one pixel vector, each stripe is paired right after it is computed, by
@@ -220,7 +224,7 @@ def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled=False) -> No
 
 
 @register("llvm", "deform_conv2d_backward_data")
-def schedule_backward_data(sch: Schedule, workload, target, sampled=False) -> None:
+def schedule_backward_data(sch: Schedule, workload, target, sampled: bool | str = False) -> None:
     """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
     sums that give the offset and mask gradients."""
     geo, lanes = geometry(workload, target)
@@ -248,7 +252,7 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled=False) -> No
 
 
 @register("llvm", "deform_conv2d_backward_weight")
-def schedule_backward_weight(sch: Schedule, workload, target, sampled=False) -> None:
+def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool | str = False) -> None:
     """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
     grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""
     geo, lanes = geometry(workload, target)
@@ -265,8 +269,9 @@ def schedule_backward_weight(sch: Schedule, workload, target, sampled=False) -> 
             co_extent, r_extent = int(sch.get(co).extent), int(sch.get(r).extent)
             co_outer, co_inner = sch.split(co, sch.sample_perfect_tile(
                 co, n=2, max_innermost_factor=16, decision=hand_decision(sampled, [co_extent // rows, rows])))
-            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(
-                r, n=2, max_innermost_factor=2 * lanes, decision=hand_decision(sampled, [r_extent // r_lanes, r_lanes])))
+            r_hand = hand_decision(sampled, [r_extent // r_lanes, r_lanes])
+            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(r, n=2, max_innermost_factor=2 * lanes,
+                                                                    decision=r_hand))
         else:
             co_outer, co_inner = sch.split(co, [None, rows])
             r_outer, r_inner = sch.split(r, [None, r_lanes])

@@ -224,48 +224,81 @@ def test_info_prints_the_vector_unit_and_the_bfloat16_gemm(capsys):
     assert "TVM_BIND_THREADS=" in out
 
 
-@pytest.mark.parametrize("op, channels, dtype", [
-    ("deform_conv2d", 32, "float32"),     # channels-last columns, 2-vector GEMM tiles
-    ("deform_conv2d", 12, "float32"),     # gather columns
-    ("deform_conv2d", 32, "float64"),
-    ("deform_conv2d_backward_data", 32, "float32"),
-    ("deform_conv2d_backward_weight", 32, "float32"),
-])
-def test_hand_point_of_the_design_space_computes_as_the_hand_schedule(op, channels, dtype):
-    """The hand choices expressed as the template's decisions (the tuner's starting point): the
-    same results as the hand schedule, every sampling instruction decided, not drawn (schedules
-    of different random seeds agree), and the decisions are there to mutate."""
+def _layer_workload(op: str, channels: int, dtype: str = "float32", size: int = 9, batch: int = 1, groups: int = 1):
     from tvm_dcn.ops.deform_conv import backward_data_workload, backward_weight_workload
 
-    target = tvm_dcn.target.as_target(None)  # run here
-    wl = forward_workload(batch=1, in_channels=channels, height=9, width=9, out_channels=32, kernel_size=(3, 3),
-                          padding=(1, 1), with_mask=True, dtype=dtype)
+    wl = forward_workload(batch=batch, in_channels=channels, height=size, width=size, out_channels=32,
+                          kernel_size=(3, 3), padding=(1, 1), groups=groups, with_mask=True, dtype=dtype)
     if op.endswith("data"):
-        wl = backward_data_workload(wl, need_input=True, need_sampling=True)
-    elif op.endswith("weight"):
-        wl = backward_weight_workload(wl, need_weight=True, need_bias=False)
-    wl = ops.for_target(wl, target)
-    schedules = {}
+        return backward_data_workload(wl, need_input=True, need_sampling=True)
+    if op.endswith("weight"):
+        return backward_weight_workload(wl, need_weight=True, need_bias=False)
+    return wl
+
+
+def _loop_shape(mod, block: str) -> tuple[list[int], list[int]]:
+    """(extents of the loops above ``block`` that are not unit loops, in order; extents of every
+    parallel loop of the kernel)."""
+    sch = tvm.s_tir.Schedule(mod)
+    try:
+        gemm = sch.get_sblock(block)
+    except tvm.s_tir.schedule.ScheduleError:
+        gemm = sch.get_sblock(f"{block}_o")  # tensorized (bfloat16 dot product): the outer block
+    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(gemm)]
+    return [e for e in extents if e != 1], _parallel_extents(mod)
+
+
+_GEMM_BLOCK = {"deform_conv2d": "gemm_update", "deform_conv2d_backward_data": "grad_col_update",
+               "deform_conv2d_backward_weight": "grad_weight_update"}  # after decompose_reduction
+
+
+@pytest.mark.parametrize("target", [AVX512, AVX2])
+@pytest.mark.parametrize("op, channels, dtype, size, batch, groups", [
+    ("deform_conv2d", 32, "float32", 9, 1, 1),    # channels-last columns; 2-vector tiles on AVX-512
+    ("deform_conv2d", 32, "float32", 7, 1, 1),    # 4 (AVX-512) or 7 (AVX2) pixel vectors
+    ("deform_conv2d", 32, "float32", 9, 2, 2),    # batch and convolution groups
+    ("deform_conv2d", 12, "float32", 9, 1, 1),    # gather columns
+    ("deform_conv2d", 32, "float64", 9, 1, 1),
+    ("deform_conv2d", 32, "bfloat16", 9, 1, 1),   # AVX512-BF16's dot product on Zen 5: pairs per stripe
+    ("deform_conv2d_backward_data", 32, "float32", 9, 1, 1),
+    ("deform_conv2d_backward_weight", 32, "float32", 9, 1, 1),
+])
+def test_hand_point_has_the_hand_schedules_tiles_and_tasks(target, op, channels, dtype, size, batch, groups):
+    """The hand choices expressed as the template's decisions (the tuner's starting point): the
+    GEMM's loops (tiles, task shape, order) and every parallel loop as in the hand schedule (only
+    unit loops added), every decision supplied, not drawn (schedules of different random seeds
+    agree), and decisions there to mutate."""
+    target = tvm.target.Target(target)
+    wl = ops.for_target(_layer_workload(op, channels, dtype, size, batch, groups), target)
+    modules = {}
+    for name, find_schedule in (("hand", find), ("point", find_hand_point)):
+        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=1)
+        find_schedule(op, "llvm")(sch, wl, target)
+        modules[name] = sch
+    assert any(inst.kind.name == "SamplePerfectTile" for inst in modules["point"].trace.insts)
+    assert _loop_shape(modules["point"].mod, _GEMM_BLOCK[op]) == _loop_shape(modules["hand"].mod, _GEMM_BLOCK[op])
+    for seed in (2, 3):
+        other = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
+        find_hand_point(op, "llvm")(other, wl, target)
+        tvm.ir.assert_structural_equal(other.mod, modules["point"].mod)
+
+
+@pytest.mark.parametrize("op, channels", [("deform_conv2d", 32), ("deform_conv2d", 12),
+                                          ("deform_conv2d_backward_data", 32),
+                                          ("deform_conv2d_backward_weight", 32)])
+def test_hand_point_computes_as_the_hand_schedule(op, channels):
+    target = tvm_dcn.target.as_target(None)  # run here
+    wl = ops.for_target(_layer_workload(op, channels), target)
+    definition = ops.registry.build(wl)
+    inputs_n = len(definition.args) - definition.num_outputs
+    generator = torch.Generator().manual_seed(4)
+    inputs = [torch.randn([int(x) for x in t.shape], generator=generator) for t in definition.args[:inputs_n]]
+    results = {}
     for name, find_schedule in (("hand", find), ("point", find_hand_point)):
         sch = tvm.s_tir.Schedule(ops.ir_module(wl))
         find_schedule(op, "llvm")(sch, wl, target)
-        schedules[name] = sch
-    point = schedules["point"]
-    assert any(inst.kind.name == "SamplePerfectTile" for inst in point.trace.insts)
-    for seed in (1, 2, 3):
-        other = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
-        find_hand_point(op, "llvm")(other, wl, target)
-        tvm.ir.assert_structural_equal(other.mod, point.mod)
-    definition = ops.registry.build(wl)
-    generator = torch.Generator().manual_seed(4)
-    inputs = [torch.randn([int(x) for x in t.shape], generator=generator, dtype=getattr(torch, dtype))
-              for t in definition.args[:len(definition.args) - definition.num_outputs]]
-    results = {}
-    for name, sch in schedules.items():
-        lib = tvm.compile(sch.mod, target=target)
-        outputs = [torch.zeros([int(x) for x in t.shape], dtype=getattr(torch, dtype))
-                   for t in definition.args[len(definition.args) - definition.num_outputs:]]
-        lib["main"](*inputs, *outputs)
+        outputs = [torch.zeros([int(x) for x in t.shape]) for t in definition.args[inputs_n:]]
+        tvm.compile(sch.mod, target=target)["main"](*inputs, *outputs)
         results[name] = outputs
     for hand, found in zip(results["hand"], results["point"]):
         torch.testing.assert_close(found, hand, rtol=1e-5, atol=1e-4)
@@ -291,16 +324,8 @@ def test_every_tile_decision_of_the_template_replays(op):
     outputs depend on the decisions (GetLoops under a compute-at) then fails the replay, and the
     error stops the whole search. From the hand point, every perfect tile moved to its extremes
     must replay."""
-    from tvm_dcn.ops.deform_conv import backward_data_workload, backward_weight_workload
-
     target = tvm_dcn.target.as_target(None)
-    wl = forward_workload(batch=1, in_channels=32, height=9, width=9, out_channels=32, kernel_size=(3, 3),
-                          padding=(1, 1), with_mask=True)
-    if op.endswith("data"):
-        wl = backward_data_workload(wl, need_input=True, need_sampling=True)
-    elif op.endswith("weight"):
-        wl = backward_weight_workload(wl, need_weight=True, need_bias=False)
-    wl = ops.for_target(wl, target)
+    wl = ops.for_target(_layer_workload(op, 32), target)
     sch = tvm.s_tir.Schedule(ops.ir_module(wl))
     find_hand_point(op, "llvm")(sch, wl, target)
     tiles = [inst for inst in sch.trace.insts if inst.kind.name == "SamplePerfectTile"]

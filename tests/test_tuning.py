@@ -193,7 +193,7 @@ def test_tune_seeds_the_hand_point_of_the_design_space(tuned):
     wl = ops.for_target(TINY, target)
     db = _meta_schedule.meta_schedule().database.JSONDatabase(work_dir=str(root / "work"))
     traces = [str(r.trace) for r in _meta_schedule.records_of(db, wl)]
-    point, hand = tune.hand_trace(wl, target, decisions=True), tune.hand_trace(wl, target)
+    point, hand = tune.hand_trace(wl, target, point=True), tune.hand_trace(wl, target)
     assert str(point) in traces and str(hand) in traces
     assert any(inst.kind.name == "SamplePerfectTile" for inst in point.insts)
     assert not any(inst.kind.name.startswith("Sample") for inst in hand.insts)

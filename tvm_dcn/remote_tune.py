@@ -263,11 +263,13 @@ def _new_schedules(session: _Session, index: int, want: int, measured: set, cost
         picked.append(sch)
         return True
 
-    for trace in (hand_trace(wl, session.target), hand_trace(wl, session.target, decisions=True)) if first else ():
-        if trace is not None and len(picked) < want:
-            sch = tvm.s_tir.Schedule(ir_module(wl))
-            trace.apply_to_schedule(sch, remove_postproc=False)
-            take(sch)
+    if first:
+        for point in (False, True):
+            trace = hand_trace(wl, session.target, point=point)
+            if trace is not None and len(picked) < want:
+                sch = tvm.s_tir.Schedule(ir_module(wl))
+                trace.apply_to_schedule(sch, remove_postproc=False)
+                take(sch)
     ctx = session.context(index, session.state["seed"] + 1000 * session.state["round"] + index)
     ctx.pre_tuning(max_trials=want * 4, num_trials_per_iter=want, design_spaces=ctx.generate_design_space(),
                    database=session.db, cost_model=cost_model)

@@ -229,13 +229,13 @@ def make_builder(target, max_workers: int = 1):
                                    initializer=functools.partial(_warm_builder_worker, *intrinsics_key(target)))
 
 
-def hand_trace(workload: Workload, target, *, decisions: bool = False):
-    """The trace of the hand schedule of ``workload`` (None if it has none). ``decisions``: its
+def hand_trace(workload: Workload, target, *, point: bool = False):
+    """The trace of the hand schedule of ``workload`` (None if it has none). ``point``: its
     point in the design space instead (``schedules.HAND_DECISIONS``: the template's sampling
     instructions, the hand choices as decisions), None where the schedule has no template."""
     from .schedules import find, find_hand_point  # noqa: PLC0415
 
-    hand = (find_hand_point if decisions else find)(workload.op, target.kind.name)
+    hand = (find_hand_point if point else find)(workload.op, target.kind.name)
     if hand is None:
         return None
     sch = tvm.s_tir.Schedule(ir_module(workload))
@@ -253,7 +253,7 @@ def seed_with_hand(db, workload: Workload, target, builder, runner) -> tuple[Opt
     trace = hand_trace(workload, target)
     if trace is None:
         return None, None
-    traces = [t for t in (trace, hand_trace(workload, target, decisions=True)) if t is not None]
+    traces = [t for t in (trace, hand_trace(workload, target, point=True)) if t is not None]
     mods = []
     for t in traces:
         sch = tvm.s_tir.Schedule(ir_module(workload))
