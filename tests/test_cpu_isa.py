@@ -24,9 +24,9 @@ NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num
 SVE = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+sve"], "num-cores": 2}
 
 
-def _layer(channels=16, size=9, dtype="float32"):
-    return forward_workload(batch=1, in_channels=channels, height=size, width=size, out_channels=32,
-                            kernel_size=(3, 3), padding=(1, 1), with_mask=True, dtype=dtype)
+def _layer(channels=16, size=9, dtype="float32", batch=1, groups=1):
+    return forward_workload(batch=batch, in_channels=channels, height=size, width=size, out_channels=32,
+                            kernel_size=(3, 3), padding=(1, 1), groups=groups, with_mask=True, dtype=dtype)
 
 
 @pytest.mark.parametrize("target, isa, float_lanes, double_lanes, registers", [
@@ -227,8 +227,7 @@ def test_info_prints_the_vector_unit_and_the_bfloat16_gemm(capsys):
 def _layer_workload(op: str, channels: int, dtype: str = "float32", size: int = 9, batch: int = 1, groups: int = 1):
     from tvm_dcn.ops.deform_conv import backward_data_workload, backward_weight_workload
 
-    wl = forward_workload(batch=batch, in_channels=channels, height=size, width=size, out_channels=32,
-                          kernel_size=(3, 3), padding=(1, 1), groups=groups, with_mask=True, dtype=dtype)
+    wl = _layer(channels, size, dtype, batch, groups)
     if op.endswith("data"):
         return backward_data_workload(wl, need_input=True, need_sampling=True)
     if op.endswith("weight"):

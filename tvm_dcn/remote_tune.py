@@ -250,7 +250,7 @@ def _new_schedules(session: _Session, index: int, want: int, measured: set, cost
     first in a task's first round, then MetaSchedule's evolutionary search."""
     import tvm_ffi  # noqa: PLC0415
 
-    from .tune import hand_trace  # noqa: PLC0415
+    from .tune import hand_trace, traced_schedule  # noqa: PLC0415
 
     wl = session.tasks[index][0]
     picked = []
@@ -267,9 +267,7 @@ def _new_schedules(session: _Session, index: int, want: int, measured: set, cost
         for point in (False, True):
             trace = hand_trace(wl, session.target, point=point)
             if trace is not None and len(picked) < want:
-                sch = tvm.s_tir.Schedule(ir_module(wl))
-                trace.apply_to_schedule(sch, remove_postproc=False)
-                take(sch)
+                take(traced_schedule(wl, trace))
     ctx = session.context(index, session.state["seed"] + 1000 * session.state["round"] + index)
     ctx.pre_tuning(max_trials=want * 4, num_trials_per_iter=want, design_spaces=ctx.generate_design_space(),
                    database=session.db, cost_model=cost_model)

@@ -243,6 +243,13 @@ def hand_trace(workload: Workload, target, *, point: bool = False):
     return sch.trace
 
 
+def traced_schedule(workload: Workload, trace) -> tvm.s_tir.Schedule:
+    """A schedule of ``workload``'s PrimFunc with ``trace`` applied (postprocessors kept)."""
+    sch = tvm.s_tir.Schedule(ir_module(workload))
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
 def seed_with_hand(db, workload: Workload, target, builder, runner) -> tuple[Optional[float], object]:
     """Measure the hand schedule of ``workload`` and its point in the design space (where it has
     one) and commit them to ``db``: the search's first population then holds the hand point with
@@ -254,11 +261,7 @@ def seed_with_hand(db, workload: Workload, target, builder, runner) -> tuple[Opt
     if trace is None:
         return None, None
     traces = [t for t in (trace, hand_trace(workload, target, point=True)) if t is not None]
-    mods = []
-    for t in traces:
-        sch = tvm.s_tir.Schedule(ir_module(workload))
-        t.apply_to_schedule(sch, remove_postproc=False)
-        mods.append(sch.mod)
+    mods = [traced_schedule(workload, t).mod for t in traces]
     mod = ir_module(workload)
     measured = _measure_many(mods, target, builder, runner)
     for t, run_secs in zip(traces, measured):
@@ -452,10 +455,7 @@ def _verify(tasks: Sequence[tuple[TaskResult, list]], target, builder, runner) -
         traces = [r.trace for r in records]
         if hand is not None and all(str(t) != str(hand) for t in traces):
             traces.append(hand)
-        for trace in traces:
-            sch = tvm.s_tir.Schedule(ir_module(task.workload))
-            trace.apply_to_schedule(sch, remove_postproc=False)
-            mods.append(sch.mod)
+        mods.extend(traced_schedule(task.workload, trace).mod for trace in traces)
         plans.append((task, traces, hand))
     all_secs = iter(_measure_many(mods, target, builder, runner, passes=VERIFY_PASSES))
     for task, traces, hand in plans:
