@@ -79,7 +79,7 @@ def register_tile(group_rows: int, pixel_vectors: int, registers: int) -> tuple[
 
 def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vectors: int, lanes: int,
                  cores: int, sampled: bool | str = False, registers: int = 16, epilogue: Optional[str] = None,
-                 dot: Optional[str] = None, consumer: Optional[str] = None) -> None:
+                 dot: Optional[str] = None, consumer: Optional[str] = None, pixel_tasks: bool = False):
     """Register-blocked micro-kernel for a GEMM block with loops (batch, row, pixel, reduction...).
 
     Each (rows x vectors*lanes) output tile stays in vector registers across the whole reduction,
@@ -104,6 +104,12 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     ``consumer``: an elementwise consumer of the GEMM that cannot be an ``epilogue`` (it drops
     pixel padding a tile reaches into), computed by each parallel task for its own rows and
     pixels right after its tiles: in the GEMM's parallel region, not one of its own.
+
+    ``pixel_tasks``: each parallel task computes all rows of its pixel tiles (one tile column per
+    task in the hand schedule), pixel tiles outside row tiles, so that a producer of the
+    right-hand operand can be computed per pixel tile by the task that consumes it.
+
+    Returns the loop over a task's pixel tiles (outside its row tiles where ``pixel_tasks``).
     """
     gemm = sch.get_sblock(block)
     loops = sch.get_loops(gemm)
@@ -111,14 +117,25 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
     # With a dot product the innermost reduction loop belongs to the intrinsic, inside the tile.
     inner_reduction = [reduction[-1]] if dot else []
     reduction = reduction[:-1] if dot else reduction
-    hand_tiles = _hand_tiles(group_rows, batch_rows, pixel_vectors, cores, registers)
+    row_extent = int(sch.get(row).extent)
+    if pixel_tasks:
+        rows, vectors = register_tile(group_rows, pixel_vectors, registers)
+        hand_tiles = rows, vectors, row_extent, pixel_vectors // vectors
+    else:
+        hand_tiles = _hand_tiles(group_rows, batch_rows, pixel_vectors, cores, registers)
+    # With multi-vector tiles, or where each task computes its own operand, pixel tiles outside
+    # and row tiles inside: a stripe of the right-hand operand (reduction x vectors*lanes pixels)
+    # is read once and reused from L2 by every row tile of the block, where the other order
+    # streams it once per row tile. Measured (AVX2): the 128-channel forward and backward-data
+    # kernels 9-12% faster; with one-vector tiles (narrower stripes, more weight traffic) it was
+    # 6-9% slower, so those keep rows outside.
+    pixels_outside = hand_tiles[1] > 1 or pixel_tasks
     if sampled:
         # The hand point: its task shape and register tile, and its loop order as the rows'
         # middle factor on one side or the other of the pixels' middle loop.
         rows, vectors, block_rows, pixel_blocks = hand_tiles
         mid = block_rows // rows
-        row_extent = int(sch.get(row).extent)
-        hand_rows = [row_extent // block_rows] + ([1, mid] if vectors > 1 else [mid, 1]) + [rows]
+        hand_rows = [row_extent // block_rows] + ([1, mid] if pixels_outside else [mid, 1]) + [rows]
         hand_pixels = [pixel_blocks, pixel_vectors // (pixel_blocks * vectors), vectors]
         row_outer, row_before, row_after, row_inner = sch.split(
             row, sch.sample_perfect_tile(row, n=4, max_innermost_factor=2 * ACCUMULATOR_VECTORS,
@@ -138,13 +155,7 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         row_outer, row_mid, row_inner = sch.split(row, [None, block_rows // rows, rows])
         p_outer, p_mid, p_vector, p_inner = sch.split(p, [pixel_blocks, None, vectors, lanes])
         tile = [row_inner, p_vector, p_inner]
-        # With multi-vector tiles, pixel stripes outside and row tiles inside: a stripe of the
-        # columns (reduction x vectors*lanes pixels) is read from memory once and reused from L2
-        # by every row tile of the block, where the other order streams all the columns once per
-        # row tile. Measured (AVX2): the 128-channel forward and backward-data kernels 9-12%
-        # faster; with one-vector tiles (narrower stripes, more weight traffic) it was 6-9%
-        # slower, so those keep rows outside.
-        order = (p_mid, row_mid) if vectors > 1 else (row_mid, p_mid)
+        order = (p_mid, row_mid) if pixels_outside else (row_mid, p_mid)
         sch.reorder(n, row_outer, p_outer, *order, *reduction, *tile, *inner_reduction)
         middle = order[-1]
     task = sch.fuse(n, row_outer, p_outer)
@@ -173,6 +184,7 @@ def blocked_gemm(sch, block: str, *, group_rows: int, batch_rows: int, pixel_vec
         for loop in acc_loops[-len(tile):-1]:
             sch.unroll(loop)
         sch.vectorize(acc_loops[-1])
+    return p_mid
 
 
 def _hand_tiles(group_rows: int, batch_rows: int, pixel_vectors: int, cores: int,
@@ -192,7 +204,7 @@ def _hand_tiles(group_rows: int, batch_rows: int, pixel_vectors: int, cores: int
     # Tasks the cores share evenly: a count neither a multiple of the cores nor several times
     # their number leaves cores idle at the end: then smaller row blocks (192 channels x 608
     # pixels on 2 cores: 3 tasks of 64 rows became 4 of 48, forward 1.41 -> 1.12 ms).
-    while not _balanced(row_blocks * pixel_blocks, cores) and block_rows > rows:
+    while not balanced_tasks(row_blocks * pixel_blocks, cores) and block_rows > rows:
         smaller = largest_divisor(group_rows, block_rows - 1, multiple_of=rows)
         if smaller % rows:
             break
@@ -200,7 +212,9 @@ def _hand_tiles(group_rows: int, batch_rows: int, pixel_vectors: int, cores: int
     return rows, vectors, block_rows, pixel_blocks
 
 
-def _balanced(tasks: int, cores: int) -> bool:
+def balanced_tasks(tasks: int, cores: int) -> bool:
+    """Whether ``tasks`` equal tasks keep ``cores`` busy to the end: a multiple of the cores, or at
+    least four per core (at most a quarter of a task's time idle per core)."""
     return tasks % cores == 0 or tasks >= 4 * cores
 
 

@@ -196,16 +196,20 @@ def _parallel_extents(mod) -> list[int]:
 
 
 @pytest.mark.parametrize("dtype, size, regions", [
-    ("float32", 7, 3),    # 49 pixels padded to 64: the output drops the padding in the GEMM's tasks
-    ("float32", 8, 3),    # 64 pixels: the output written from the GEMM's registers
-    ("float64", 7, 3),
+    # 49 pixels padded to 64, two 2-vector tile columns: one GEMM task per core, each computing
+    # its columns; the output drops the padding in the same tasks.
+    ("float32", 7, 2),
+    ("float32", 8, 2),    # 64 pixels: the output written from the GEMM's registers
+    ("float32", 9, 3),    # 81 pixels, 3 tile columns: 3 tasks on 2 cores; a columns region
+    ("float64", 7, 3),    # 7 one-vector tile columns on 2 cores: a columns region
     ("bfloat16", 7, 3),   # the columns' pairs per stripe, in the columns' tasks
-    ("float16", 7, 4),    # + the weight widened once
+    ("float16", 7, 3),    # + the weight widened once; columns in the GEMM's tasks
 ])
-def test_channels_last_forward_runs_in_three_parallel_regions(dtype, size, regions):
-    """Transposition, columns (with the sampling stages per stripe) and GEMM (with the output):
-    each parallel loop wakes the other workers (~15 us on 2 cores here), so stages that can share
-    one do."""
+def test_channels_last_forward_runs_in_few_parallel_regions(dtype, size, regions):
+    """Transposition, columns (with the sampling stages per stripe) and GEMM (with the output),
+    the columns in the GEMM's tasks where those are shared evenly by the cores
+    (``columns_in_gemm_tasks``): each parallel loop wakes the other workers (~15 us on 2 cores
+    here), so stages that can share one do."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
     wl = _layer(channels=32, size=size, dtype=dtype)
     _, mod = kernel.scheduled_module(wl, target, schedule="hand")
