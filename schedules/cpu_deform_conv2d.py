@@ -27,6 +27,7 @@ from tvm import DataType
 from tvm.s_tir import Schedule
 
 from .._utils import largest_divisor
+from ..cpu_isa import vector_unit
 from . import cpu_bf16, cpu_transpose
 from .cpu_common import (ACCUMULATOR_VECTORS, balanced_tasks, blocked_gemm, core_count, hand_decision,
                          parallel_rows, parallel_vectorize, register_tile, vector_lanes, vector_registers)
@@ -189,32 +190,37 @@ def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool | st
     return _channels_last_columns(sch, geo, lanes, sampled=sampled, per_stripe=per_stripe, at=at)
 
 
-# The largest weight a forward task reads whole (``columns_in_gemm_tasks``): it stays in a 1 MB L2
-# (Zen 4/5, Skylake-X; 2 MB on Sapphire Rapids) beside a stripe of columns. Measured on Zen 5
-# (2 cores, alternated in one process, each call after the layer's offset convolution): the
-# 128-channel layers (a 576 KB weight) 2-14% faster with their columns in the GEMM's tasks; the
-# 256-channel ones (2.25 MB, 13 tasks) 0-10% slower, the 512-channel ones (9 MB) within 4%.
-TASK_WEIGHT_BYTES = 768 * 1024
+def task_weight_bytes(target) -> int:
+    """The largest weight a forward task reads whole (``columns_in_gemm_tasks``): three quarters of
+    a per-core L2, beside a stripe of columns. The target names no cache sizes, so the smallest
+    L2 of the CPUs with its vector unit: AVX-512 parts have 1-2 MB (Skylake-X, Ice Lake, Sapphire
+    Rapids, Zen 4 and 5); AVX2 ones from 256 KB (Haswell to Skylake client cores) and 512 KB
+    (Zen 2 and 3), AArch64 cores from 512 KB (taken as 512 KB)."""
+    return (1 << 20 if vector_unit(target).isa == "avx512" else 1 << 19) * 3 // 4
 
 
 def columns_in_gemm_tasks(workload, geo, lanes: int, target) -> bool:
     """Whether the forward computes its columns inside the GEMM's parallel tasks: channels-last
     columns in stripes (not the bfloat16 pairs), a weight that stays in L2 beside a stripe
-    (``TASK_WEIGHT_BYTES``: each task reads all of it), and one task per GEMM tile column (all
+    (``task_weight_bytes``: each task reads all of it), and one task per GEMM tile column (all
     output channels of its pixels) giving tasks the cores share evenly
     (``cpu_common.balanced_tasks``).
 
     Each task then samples the stripes it multiplies, and every row tile reads them from L2 right
     after, where a columns region of their own writes them all out (3.6 MB for 128 channels x 784
     pixels) and the GEMM's row-block tasks read them back, half from the other core's cache; the
-    forward runs in two parallel regions (transposition; columns and GEMM) instead of three."""
+    forward runs in two parallel regions (transposition; columns and GEMM) instead of three.
+    Measured on Zen 5 (2 cores, alternated in one process, each call after the layer's offset
+    convolution, three runs): the 128-channel ResNet-50 layers (a 576 KB weight) 2-14% faster; the
+    256-channel ones (2.25 MB, 13 tasks) 0-10% slower, the 512-channel ones (9 MB, one task per
+    core) within 4%."""
     from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, GEMM_BF16_DOT, columns_formulation
 
     if columns_formulation(workload) == COLUMNS_GATHER or geo.gemm == GEMM_BF16_DOT:
         return False
     if not has_column_stripes(geo, lanes):
         return False
-    if geo.out_channels * geo.reduction * DataType(geo.compute_dtype).bits // 8 > TASK_WEIGHT_BYTES:
+    if geo.out_channels * geo.reduction * DataType(geo.compute_dtype).bits // 8 > task_weight_bytes(target):
         return False
     pixel_vectors = geo.padded_pixels // lanes
     _, vectors = register_tile(geo.group_out_channels, pixel_vectors, vector_registers(target))

@@ -216,6 +216,64 @@ def test_channels_last_forward_runs_in_few_parallel_regions(dtype, size, regions
     assert len(_parallel_extents(mod)) == regions, mod.script()
 
 
+@pytest.mark.parametrize("target, channels, size, expected", [
+    (AVX512, 128, 28, True),    # 576 KB weight, 49 one-vector tile columns: many tasks per core
+    (AVX512, 512, 7, False),    # a 9 MB weight
+    (AVX512, 256, 14, False),   # a 2.25 MB weight, read by every task
+    ({**AVX512, "num-cores": 16}, 128, 28, False),  # 49 tasks on 16 cores: uneven
+    (AVX2, 128, 28, False),     # 576 KB does not stay in the L2 of AVX2 parts
+    (AVX2, 64, 28, True),       # 144 KB does
+])
+def test_columns_in_gemm_tasks_follows_weight_size_and_task_balance(target, channels, size, expected):
+    from tvm_dcn.schedules.cpu_deform_conv2d import columns_in_gemm_tasks, geometry
+
+    target = tvm.target.Target(target)
+    wl = ops.for_target(forward_workload(batch=1, in_channels=channels, height=size, width=size,
+                                         out_channels=channels, kernel_size=(3, 3), padding=(1, 1),
+                                         with_mask=True), target)
+    geo, lanes = geometry(wl, target)
+    assert columns_in_gemm_tasks(wl, geo, lanes, target) == expected
+    _, mod = kernel.scheduled_module(wl, target, schedule="hand")
+    assert len(_parallel_extents(mod)) == (2 if expected else 3)
+
+
+@pytest.mark.parametrize("batch, groups, offset_groups, with_bias, dtype", [
+    (1, 1, 1, False, "float32"),
+    (2, 2, 2, True, "float32"),
+    (1, 1, 1, True, "float64"),
+    (2, 1, 1, False, "float16"),
+])
+def test_forward_with_columns_in_gemm_tasks_matches_torchvision(batch, groups, offset_groups, with_bias, dtype):
+    """The forward whose columns are sampled inside the GEMM's tasks (32 channels, 8 x 8 pixels:
+    a small weight and a few tile columns per image), built for this CPU with 2 cores, against
+    torchvision in float64."""
+    from tvm_dcn.schedules.cpu_deform_conv2d import columns_in_gemm_tasks, geometry
+
+    target = tvm.target.Target({**tvm_dcn.target.target_config(tvm_dcn.target.as_target(None)), "num-cores": 2})
+    wl = ops.for_target(forward_workload(batch=batch, in_channels=32, height=8, width=8, out_channels=32,
+                                         kernel_size=(3, 3), padding=(1, 1), groups=groups,
+                                         offset_groups=offset_groups, with_mask=True, with_bias=with_bias,
+                                         dtype=dtype), target)
+    geo, lanes = geometry(wl, target)
+    assert columns_in_gemm_tasks(wl, geo, lanes, target)
+    lib = kernel.compile(wl, target, schedule="hand")
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, 32, 8, 8, generator=generator, dtype=torch.float64)
+    offset = torch.randn(batch, 18 * offset_groups, 8, 8, generator=generator, dtype=torch.float64) * 2
+    mask = torch.rand(batch, 9 * offset_groups, 8, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(32, 32 // groups, 3, 3, generator=generator, dtype=torch.float64)
+    bias = torch.randn(32, generator=generator, dtype=torch.float64) if with_bias else None
+    torch_dtype = getattr(torch, dtype)
+    args = [x.reshape(batch, 32, -1), offset.reshape(batch, 18 * offset_groups, -1),
+            mask.reshape(batch, 9 * offset_groups, -1), weight.reshape(32, -1)] + ([bias] if with_bias else [])
+    out = torch.zeros(batch, 32, 64, dtype=torch_dtype)
+    lib(*[a.to(torch_dtype).contiguous() for a in args], out)
+    expected = torchvision.ops.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    tolerance = {"float32": 1e-4, "float64": 1e-10, "float16": 2e-2}[dtype]
+    torch.testing.assert_close(out.double().reshape(expected.shape), expected, rtol=tolerance,
+                               atol=tolerance * max(1.0, expected.abs().max().item()))
+
+
 def test_info_prints_the_vector_unit_and_the_bfloat16_gemm(capsys):
     from tvm_dcn import cli
 
