@@ -18,4 +18,5 @@ def register_intrinsics() -> None:
     """Register the tensor intrinsics the hand schedules use (``Schedule.tensorize``): a tuning
     record's trace names them, so replaying one needs them registered first."""
     cpu_transpose.register()
-    cpu_bf16.register()
+    cpu_bf16.register(cpu_bf16.DOT_16X2_BF16)
+    cpu_bf16.register(cpu_bf16.DOT_16X2_BF16_BITS)

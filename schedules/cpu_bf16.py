@@ -1,5 +1,6 @@
 """AVX512-BF16's dot product as a tensor intrinsic: ``vdpbf16ps`` multiplies a pair of bfloat16
-weights (one 32-bit broadcast) by 16 pairs of bfloat16 column values and adds both products of
+weights (one 32-bit broadcast; in the weight gradient a pair of output-gradient pixels) by 16 pairs
+of bfloat16 column values and adds both products of
 each pair to one of 16 float32 accumulators: 32 multiply-adds per instruction, where a float32
 FMA does 16. The columns come as two rows of 16 uint16 bit patterns (``ops.deform_conv.pair_columns``:
 TVM widens intermediate bfloat16 buffers to float32), interleaved in registers by one shuffle.
@@ -18,6 +19,9 @@ from tvm.script import tirx as T
 from ..cpu_isa import vector_unit
 
 DOT_16X2_BF16 = "tvm_dcn_dot_16x2_bf16"
+# The same with the pair operand as uint16 bit patterns (an intermediate buffer: the backward's
+# zero-padded output gradient).
+DOT_16X2_BF16_BITS = "tvm_dcn_dot_16x2_bf16_bits"
 # Float32 accumulators (pixels) of one dot product, and the bfloat16 pair each one sums.
 LANES = 16
 _FUNCTION = "tvm_dcn_dpbf16ps_512"
@@ -69,11 +73,45 @@ def _dot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
             T.reinterpret(B.vload([0, 0], "uint16x32"), dtype="int32x16"))
 
 
-def register() -> str:
-    """Register the intrinsic (once per process; a replayed trace names it) and return its name."""
-    if TensorIntrin.get(DOT_16X2_BF16, allow_missing=True) is None:
-        TensorIntrin.register(DOT_16X2_BF16, _dot_desc, _dot_impl)
-    return DOT_16X2_BF16
+@T.prim_func(s_tir=True)
+def _dot_bits_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "uint16", offset_factor=1)
+    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
+    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 2):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.reinterpret("float32", T.shift_left(T.cast(A[vk], "uint32"), T.uint32(16))) \
+                    * T.reinterpret("float32", T.shift_left(T.cast(B[vk, vi], "uint32"), T.uint32(16)))
+
+
+@T.prim_func(s_tir=True)
+def _dot_bits_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "uint16", offset_factor=1)
+    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
+    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_extern(
+            "float32x16", _FUNCTION, C.vload([0], "float32x16"),
+            T.broadcast(T.reinterpret(A.vload([0], "uint16x2"), dtype="int32"), 16),
+            T.reinterpret(B.vload([0, 0], "uint16x32"), dtype="int32x16"))
+
+
+_INTRINSICS = {DOT_16X2_BF16: (_dot_desc, _dot_impl), DOT_16X2_BF16_BITS: (_dot_bits_desc, _dot_bits_impl)}
+
+
+def register(name: str = DOT_16X2_BF16) -> str:
+    """Register the intrinsic ``name`` (once per process; a replayed trace names it) and return
+    its name: ``DOT_16X2_BF16`` (the pair operand a bfloat16 buffer) or ``DOT_16X2_BF16_BITS``
+    (uint16 bit patterns)."""
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, *_INTRINSICS[name])
+    return name
 
 
 def target_has_dot(target) -> bool:

@@ -311,42 +311,90 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool | str 
 @register("llvm", "deform_conv2d_backward_weight")
 def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool | str = False) -> None:
     """deform_conv2d_backward_weight: the deformable columns (stored pixel-major), then
-    grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias."""
+    grad_weight = grad_output x columns^T as a blocked GEMM over (batch, pixel); grad_bias.
+
+    Half dtypes: the GEMM accumulates in float32 (``grad_weight_sum``) and each task rounds its
+    tile once, from the registers; with ``gemm=GEMM_BF16_DOT`` the columns are rounded to bfloat16
+    pixel pairs (``deform_col_pixel_pairs``, 16 columns a vector) and the GEMM is AVX512-BF16's dot
+    product: per step a pair of output-gradient pixels (one 32-bit broadcast per row) times the
+    pairs of 16 columns, 32 products per instruction."""
+    from tvm_dcn.ops.deform_conv import GEMM_BF16_DOT
+
     geo, lanes = geometry(workload, target)
+    half = geo.dtype != geo.compute_dtype
     if workload["need_weight"]:
         _columns(sch, lanes)
-        parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
-        # Pixel-major columns: the GEMM then reads lanes consecutive rows of one pixel per step.
-        sch.transform_layout(sch.get_sblock("deform_col"), ("write", 0), lambda n, row, p: (n, p, row))
-        rows = largest_divisor(geo.group_out_channels, ACCUMULATOR_VECTORS)
-        r_lanes = largest_divisor(geo.reduction, lanes)
-        block = sch.get_sblock("grad_weight")
-        co, r, n, p = sch.get_loops(block)
-        if sampled:
-            co_extent, r_extent = int(sch.get(co).extent), int(sch.get(r).extent)
-            co_outer, co_inner = sch.split(co, sch.sample_perfect_tile(
-                co, n=2, max_innermost_factor=16, decision=hand_decision(sampled, [co_extent // rows, rows])))
-            r_hand = hand_decision(sampled, [r_extent // r_lanes, r_lanes])
-            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(r, n=2, max_innermost_factor=2 * lanes,
-                                                                    decision=r_hand))
+        if geo.gemm == GEMM_BF16_DOT:
+            if not cpu_bf16.target_has_dot(target):
+                raise ValueError(f"workload {workload.op}: gemm={GEMM_BF16_DOT!r} needs a target with avx512bf16; "
+                                 f"{target} has none (build the workload without the parameter)")
+            parallel_vectorize(sch, "grad_output_bits", parallel_axes=2, lanes=lanes)
+            n, v, p2, t, lane = sch.get_loops(sch.get_sblock("deform_col_pixel_pairs"))
+            rows = sch.fuse(n, v, p2)
+            sch.parallel(rows)
+            cpu_bf16.import_into(sch, rows)  # the GEMM's dot product (linked once per kernel)
+            sch.unroll(t)
+            sch.vectorize(lane)
+            _weight_gradient_gemm(sch, geo, cpu_bf16.LANES, sampled, half, dot=cpu_bf16.register(
+                cpu_bf16.DOT_16X2_BF16_BITS))
         else:
-            co_outer, co_inner = sch.split(co, [None, rows])
-            r_outer, r_inner = sch.split(r, [None, r_lanes])
-        sch.reorder(co_outer, r_outer, n, p, co_inner, r_inner)
-        tasks = sch.fuse(co_outer, r_outer)
-        sch.parallel(tasks)
-        accumulator = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(accumulator, tasks)
-        sch.unroll(co_inner)
-        sch.vectorize(r_inner)
-        sch.decompose_reduction(block, n)
-        # The accumulator's (co_inner, r_inner) loops; a unit extent (1x1 depthwise) leaves none.
-        # With sampled tiles their number depends on the decisions, so not even asked for: a
-        # trace whose GetLoops returns another number of loops on replay (a mutated decision)
-        # stops MetaSchedule's search with an error.
-        acc_loops = sch.get_loops(accumulator)[1:] if not sampled else []
-        if len(acc_loops) == 2:
-            sch.unroll(acc_loops[0])
-            sch.vectorize(acc_loops[1])
+            parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
+            # Pixel-major columns: the GEMM then reads lanes consecutive rows of one pixel per step.
+            sch.transform_layout(sch.get_sblock("deform_col"), ("write", 0), lambda n, row, p: (n, p, row))
+            _weight_gradient_gemm(sch, geo, largest_divisor(geo.reduction, lanes), sampled, half)
     if workload["with_bias"]:
-        sch.parallel(sch.get_loops(sch.get_sblock("grad_bias"))[0])
+        block = "grad_bias_sum" if half else "grad_bias"
+        sch.parallel(sch.get_loops(sch.get_sblock(block))[0])
+        if half:
+            sch.reverse_compute_at(sch.get_sblock("grad_bias"), sch.get_loops(sch.get_sblock(block))[0])
+
+
+def _weight_gradient_gemm(sch: Schedule, geo, r_lanes: int, sampled: bool | str, half: bool,
+                          dot: Optional[str] = None) -> None:
+    """The weight gradient's GEMM: one parallel task per (rows x r_lanes) tile of grad_weight, its
+    accumulators in registers across the whole (batch, pixel) reduction; ``half``: the float32
+    sums rounded into the half gradient from the registers. ``dot``: the tensor intrinsic of one
+    vector over the innermost reduction loop (the pixel pair)."""
+    rows = largest_divisor(geo.group_out_channels, ACCUMULATOR_VECTORS)
+    block = sch.get_sblock("grad_weight_sum" if half else "grad_weight")
+    co, r, *reduction = sch.get_loops(block)
+    inner_reduction = [reduction[-1]] if dot else []
+    reduction = reduction[:-1] if dot else reduction
+    if sampled:
+        co_extent, r_extent = int(sch.get(co).extent), int(sch.get(r).extent)
+        co_outer, co_inner = sch.split(co, sch.sample_perfect_tile(
+            co, n=2, max_innermost_factor=16, decision=hand_decision(sampled, [co_extent // rows, rows])))
+        if dot:  # the intrinsic's vector: r_lanes columns
+            r_outer, r_inner = sch.split(r, [None, r_lanes])
+        else:
+            r_hand = hand_decision(sampled, [r_extent // r_lanes, r_lanes])
+            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(r, n=2, max_innermost_factor=2 * r_lanes,
+                                                                    decision=r_hand))
+    else:
+        co_outer, co_inner = sch.split(co, [None, rows])
+        r_outer, r_inner = sch.split(r, [None, r_lanes])
+    sch.reorder(co_outer, r_outer, *reduction, co_inner, r_inner, *inner_reduction)
+    tasks = sch.fuse(co_outer, r_outer)
+    sch.parallel(tasks)
+    if half:
+        sch.set_scope(block, 0, "local")
+        accumulator = sch.get_sblock("grad_weight")
+    else:
+        accumulator = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulator, tasks)
+    sch.unroll(co_inner)
+    if dot:
+        init = sch.decompose_reduction(block, reduction[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(r_inner, dot)
+    else:
+        sch.vectorize(r_inner)
+        sch.decompose_reduction(block, reduction[0])
+    # The accumulator's (co_inner, r_inner) loops; a unit extent (1x1 depthwise) leaves none.
+    # With sampled tiles their number depends on the decisions, so not even asked for: a
+    # trace whose GetLoops returns another number of loops on replay (a mutated decision)
+    # stops MetaSchedule's search with an error.
+    acc_loops = sch.get_loops(accumulator)[1:] if not sampled else []
+    if len(acc_loops) == 2:
+        sch.unroll(acc_loops[0])
+        sch.vectorize(acc_loops[1])

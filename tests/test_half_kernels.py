@@ -179,3 +179,113 @@ def test_bfloat16_bits_round_to_nearest_even_and_keep_nan():
     finite = ~torch.isnan(values)
     assert torch.equal(got[finite].view(torch.int16), expected[finite].view(torch.int16))
     assert torch.isnan(got[~finite].float()).all()
+
+
+# The weight gradient: bfloat16 kernels with AVX512-BF16's dot product where a group's weight
+# columns (C / groups x KH x KW) fill vectors of 16 (32 channels: 288 = 18 x 16; two groups of 16:
+# 144 = 9 x 16); 63 output pixels, an odd count (the last pair's second pixel is padding).
+WEIGHT_CASES = {
+    "plain": _workload(),
+    "groups": _workload(in_channels=32, groups=2, offset_groups=2),
+    "stride2": _workload(size=(13, 11), stride=2),
+}
+
+
+def _weight_workload(wl, need_bias=True):
+    from tvm_dcn.ops.deform_conv import backward_weight_workload
+
+    return backward_weight_workload(wl, need_weight=True, need_bias=need_bias)
+
+
+def test_weight_gradient_formulation_follows_the_target():
+    from tvm_dcn.ops.deform_conv import backward_weight_workload
+
+    target = tvm.target.Target(SAPPHIRE_RAPIDS)
+    assert ops.for_target(_weight_workload(_workload()), target)["gemm"] == GEMM_BF16_DOT
+    assert ops.for_target(_weight_workload(_workload()), tvm.target.Target(SKYLAKE_X)).get("gemm") is None
+    # float16; 12 channels (108 weight columns: not whole vectors of 16); the bias gradient alone.
+    for wl in (_weight_workload(_workload("float16")), _weight_workload(_workload(in_channels=12, out_channels=8)),
+               backward_weight_workload(_workload(), need_weight=False, need_bias=True)):
+        assert ops.for_target(wl, target).get("gemm") is None
+    bad = _weight_workload(_workload(in_channels=12, out_channels=8))
+    bad = type(bad).make(bad.op, bad.dtype, **{**dict(bad.params), "gemm": GEMM_BF16_DOT})
+    with pytest.raises(ValueError, match="gemm"):
+        ops.primfunc(bad)
+
+
+def test_weight_gradient_dot_kernel_is_built_with_vdpbf16ps():
+    with kernel.forced_schedule("hand"):
+        dot = kernel.compile(_weight_workload(_workload()), tvm.target.Target(SAPPHIRE_RAPIDS), use_disk_cache=False)
+    assert dot.workload["gemm"] == GEMM_BF16_DOT
+    assert "vdpbf16ps" in dot.source("asm")
+
+
+def _weight_gradients(wl, seed=0):
+    """(bfloat16 weight and bias gradients through the bridge, float64 reference on the same values,
+    allowance for the columns' rounding: 2**-8 x sum |grad_output| |column|, from the reference
+    weight gradient of |input|, |mask| and |grad_output|)."""
+    from conftest import reference_deform_conv2d_autograd
+
+    x, offset, weight, bias, mask = _inputs(wl, seed)
+    conv = dict(stride=wl["stride"], padding=wl["padding"])
+    leaves = [t.requires_grad_() for t in (x, offset, weight, bias, mask)]
+    out = tvm_dcn.deform_conv2d(*leaves[:4], mask=leaves[4], **conv)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    reference_deform_conv2d_autograd(*ref[:4], mask=ref[4], **conv).backward(grad.double())
+    magnitude = [t.detach().double().abs().requires_grad_() for t in (x, offset, weight, bias, mask)]
+    magnitude[1] = offset.detach().double()
+    reference_deform_conv2d_autograd(*magnitude[:4], mask=magnitude[4], **conv).backward(grad.double().abs())
+    return leaves, ref, 2 ** -8 * magnitude[2].grad
+
+
+@needs_dot
+@pytest.mark.parametrize("name", sorted(WEIGHT_CASES))
+def test_weight_gradient_dot_error_is_within_the_columns_rounding(name):
+    wl = WEIGHT_CASES[name]
+    assert ops.for_target(_weight_workload(wl), tvm_dcn.host_target())["gemm"] == GEMM_BF16_DOT
+    leaves, ref, extra = _weight_gradients(wl)
+    assert_matches(leaves[2].grad, ref[2].grad, torch.bfloat16, what=f"{name} grad weight", extra=extra)
+    assert_matches(leaves[3].grad, ref[3].grad, torch.bfloat16, what=f"{name} grad bias")
+    # Not the float32 kernel in disguise: its columns are not rounded (a gradient differs).
+    single = [t.detach().float().requires_grad_() for t in leaves]
+    out = tvm_dcn.deform_conv2d(*single[:4], mask=single[4], stride=wl["stride"], padding=wl["padding"])
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).float())
+    assert not torch.equal(leaves[2].grad, single[2].grad.to(torch.bfloat16))
+
+
+def test_tuning_template_samples_of_the_weight_gradient_dot_kernel():
+    """The bfloat16 weight gradient with the dot product as a design space: schedules drawn with
+    other decisions build (with ``vdpbf16ps``) and, where the host has it, compute the gradient."""
+    from tvm_dcn.ops.deform_conv import ConvGeometry
+    from tvm_dcn.schedules import find_template
+
+    target = tvm_dcn.host_target() if HOST_HAS_DOT else tvm.target.Target(SAPPHIRE_RAPIDS)
+    wl = ops.for_target(_weight_workload(WEIGHT_CASES["plain"]), target)
+    assert wl["gemm"] == GEMM_BF16_DOT
+    geo = ConvGeometry(wl)
+    leaves, ref, extra = _weight_gradients(WEIGHT_CASES["plain"], seed=3)
+    x, offset, _, _, mask = (t.detach() for t in leaves)
+    grad = torch.randn(geo.batch, geo.out_channels, geo.out_h, geo.out_w,
+                       generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    traces = set()
+    for seed in range(1, 4):
+        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
+        find_template(wl.op, "llvm")(sch, wl, target)
+        traces.add(str(sch.trace))
+        lib = tvm.compile(sch.mod, target=target)
+        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+        if HOST_HAS_DOT:
+            out = torch.empty(geo.out_channels, geo.reduction, dtype=torch.bfloat16)
+            bias_grad = torch.empty(geo.out_channels, dtype=torch.bfloat16)
+            lib["main"](grad.reshape(geo.batch, geo.out_channels, -1),
+                        *(t.reshape(t.shape[0], t.shape[1], -1) for t in (x, offset, mask)), out, bias_grad)
+            with kernel.forced_schedule("hand"):
+                hand = torch.empty_like(out)
+                tvm_dcn.compile(wl)(grad.reshape(geo.batch, geo.out_channels, -1),
+                                    *(t.reshape(t.shape[0], t.shape[1], -1) for t in (x, offset, mask)), hand,
+                                    torch.empty_like(bias_grad))
+            # Sums in another order: within the float32 accumulation's error, rounded to bfloat16.
+            assert_matches(out, hand.double(), torch.bfloat16, what=f"seed {seed}")
+    assert len(traces) > 1

@@ -412,10 +412,21 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
                                                                      torch.Tensor, torch.Tensor]:
     """Gradients (input, offset, mask, weight, bias) for the flags ``needs``; a gradient that is
     not needed (or a mask/bias that does not exist) comes back as an empty tensor."""
-    if input.dtype in HALF_DTYPES:  # the float32 kernels (kernel_dtype), the gradients in the half dtype
-        grads = _backward_impl(*(_float32(t) for t in (grad_output, input, offset, weight, mask)), with_bias, stride,
-                               padding, dilation, needs)
-        return tuple(g.to(input.dtype) for g in grads)
+    if input.dtype in HALF_DTYPES:
+        # The input, offset and mask gradients (and on CUDA all of them): the float32 kernels
+        # (kernel_dtype), the gradients rounded to the half dtype. On the CPU the weight and bias
+        # gradients have half kernels of their own (float32 sums; AVX512-BF16's dot product).
+        half_weight = device_target(input.device) is None and not _is_empty(input, weight)
+        single_needs = list(needs[:3]) + [need and not half_weight for need in needs[3:]]
+        grads = [input.new_empty(0) for _ in range(5)]
+        if any(single_needs):
+            single = _backward_impl(*(_float32(t) for t in (grad_output, input, offset, weight, mask)), with_bias,
+                                    stride, padding, dilation, single_needs)
+            grads = [g.to(input.dtype) for g in single]
+        if half_weight and (needs[3] or (needs[4] and with_bias)):
+            grads[3], grads[4] = _weight_gradients(grad_output, input, offset, weight, mask, with_bias, stride,
+                                                   padding, dilation, needs[3], needs[4])
+        return tuple(grads)
     need_input, need_offset, need_mask, need_weight, need_bias = needs
     need_mask = need_mask and mask is not None
     need_bias = need_bias and with_bias
@@ -431,17 +442,15 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
     batch, in_channels = input.shape[:2]
     out_channels = weight.shape[0]
     pixels = offset.shape[2] * offset.shape[3]
-    forward = _workload(input, offset, weight, None, mask, stride, padding, dilation)
-    target = device_target(input.device)
-    grad_out = _flat(grad_output, out_channels)
-    sampling_args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
-    if mask is not None:
-        sampling_args.append(_flat(mask, mask.shape[1]))
-
     if need_input or need_offset or need_mask:
+        forward = _workload(input, offset, weight, None, mask, stride, padding, dilation)
+        grad_out = _flat(grad_output, out_channels)
+        sampling_args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
+        if mask is not None:
+            sampling_args.append(_flat(mask, mask.shape[1]))
         need_sampling = need_offset or need_mask
         kern = _kernel.compile(backward_data_workload(forward, need_input=need_input, need_sampling=need_sampling),
-                               target)
+                               device_target(input.device))
         outs = []
         if need_input:
             outs.append(input.new_empty((batch, in_channels, input.shape[2] * input.shape[3])))
@@ -459,18 +468,37 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
             if mask is not None and need_mask:
                 grads[2] = outs.pop(0).view_as(mask)
     if need_weight or need_bias:
-        kern = _kernel.compile(backward_weight_workload(forward, need_weight=need_weight, need_bias=need_bias), target)
-        outs = []
-        if need_weight:
-            outs.append(input.new_empty((out_channels, weight[0].numel())))
-        if need_bias:
-            outs.append(input.new_empty(out_channels))
-        kern(grad_out, *(sampling_args if need_weight else []), *outs)
-        if need_weight:
-            grads[3] = outs.pop(0).view_as(weight)
-        if need_bias:
-            grads[4] = outs.pop(0)
+        grads[3], grads[4] = _weight_gradients(grad_output, input, offset, weight, mask, with_bias, stride, padding,
+                                               dilation, need_weight, need_bias)
     return tuple(grads)
+
+
+def _weight_gradients(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation,
+                      need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight gradient, bias gradient) of a non-empty call, each an empty tensor where not needed,
+    from one backward-weight kernel of the tensors' own dtype."""
+    need_bias = need_bias and with_bias
+    grads = [input.new_empty(0), input.new_empty(0)]
+    if not (need_weight or need_bias):
+        return grads[0], grads[1]
+    out_channels = weight.shape[0]
+    forward = _workload(input, offset, weight, None, mask, stride, padding, dilation, input.dtype)
+    kern = _kernel.compile(backward_weight_workload(forward, need_weight=need_weight, need_bias=need_bias),
+                           device_target(input.device))
+    outs = []
+    if need_weight:
+        outs.append(input.new_empty((out_channels, weight[0].numel())))
+    if need_bias:
+        outs.append(input.new_empty(out_channels))
+    sampling_args = [_flat(input, input.shape[1]), _flat(offset, offset.shape[1])]
+    if mask is not None:
+        sampling_args.append(_flat(mask, mask.shape[1]))
+    kern(_flat(grad_output, out_channels), *(sampling_args if need_weight else []), *outs)
+    if need_weight:
+        grads[0] = outs.pop(0).view_as(weight)
+    if need_bias:
+        grads[1] = outs.pop(0)
+    return grads[0], grads[1]
 
 
 @torch.library.register_fake("tvm_dcn::deform_conv2d_backward")

@@ -151,12 +151,23 @@ def compute_dtype(dtype: str) -> str:
 
 
 def bf16_dot_applies(wl: Workload) -> bool:
-    """Whether the forward ``wl`` can take ``gemm=GEMM_BF16_DOT``: bfloat16, and an even number
-    of reduction rows per group (the dot product takes them in pairs)."""
-    if wl.op != FORWARD or wl.dtype != "bfloat16":
+    """Whether ``wl`` can take ``gemm=GEMM_BF16_DOT``: bfloat16, and for the forward an even number
+    of reduction rows per group (the dot product takes them in pairs), for the weight gradient
+    (``need_weight``) a multiple of 16 of them (the accumulators of one dot product: 16 of a
+    group's weight columns; its pairs are of pixels, and P' is even)."""
+    if wl.dtype != "bfloat16" or wl.op not in (FORWARD, BACKWARD_WEIGHT):
         return False
     kh, kw = wl["kernel_size"]
-    return (wl["in_channels"] // wl["groups"]) * kh * kw % 2 == 0
+    rows = (wl["in_channels"] // wl["groups"]) * kh * kw
+    if wl.op == FORWARD:
+        return rows % 2 == 0
+    return wl["need_weight"] and rows % DOT_LANES == 0
+
+
+def backward_weight_cpu_params(wl: Workload, target) -> dict:
+    """Parameters of the weight gradient's CPU formulation for ``target``: ``gemm=GEMM_BF16_DOT``
+    for a bfloat16 workload on a target with AVX512-BF16 where it applies (``bf16_dot_applies``)."""
+    return {"gemm": GEMM_BF16_DOT} if vector_unit(target).bf16_dot and bf16_dot_applies(wl) else {}
 
 
 def _as(value, dtype: str):
@@ -201,9 +212,10 @@ class ConvGeometry:
         self.gemm = wl.get("gemm")
         if self.gemm is not None:
             if self.gemm != GEMM_BF16_DOT or not bf16_dot_applies(wl):
-                raise ValueError(f"workload {wl.op}: gemm must be absent or {GEMM_BF16_DOT!r} (a bfloat16 forward with "
-                                 f"an even number of reduction rows per group), got {self.gemm!r}")
-            if self.pixel_align % DOT_LANES:
+                raise ValueError(f"workload {wl.op}: gemm must be absent or {GEMM_BF16_DOT!r} (bfloat16, with an even "
+                                 f"number of reduction rows per group in the forward, a multiple of {DOT_LANES} in the "
+                                 f"weight gradient), got {self.gemm!r}")
+            if wl.op == FORWARD and self.pixel_align % DOT_LANES:
                 raise ValueError(f"workload {wl.op}: gemm={GEMM_BF16_DOT!r} needs pixel_align a multiple of "
                                  f"{DOT_LANES}, got {self.pixel_align}")
 
@@ -462,12 +474,59 @@ def build_forward(wl: Workload) -> OperatorDef:
 
 
 def padded_grad_output(geo: ConvGeometry, grad_output: te.Tensor) -> te.Tensor:
-    """(N, Cout, P') output gradient, zero on the padding pixels (so GEMMs run over P')."""
+    """(N, Cout, P') output gradient, zero on the padding pixels (so GEMMs run over P'), in the
+    arithmetic's dtype."""
     return te.compute(
         (geo.batch, geo.out_channels, geo.padded_pixels),
-        lambda n, co, p: te.if_then_else(p < geo.pixels, grad_output[n, co, te.min(p, geo.pixels - 1)],
-                                         tirx.const(0, geo.dtype)),
+        lambda n, co, p: te.if_then_else(p < geo.pixels, _as(grad_output[n, co, te.min(p, geo.pixels - 1)],
+                                                             geo.compute_dtype),
+                                         tirx.const(0, geo.compute_dtype)),
         name="grad_output_padded")
+
+
+def grad_output_bits(geo: ConvGeometry, grad_output: te.Tensor) -> te.Tensor:
+    """(N, Cout, P') the bfloat16 output gradient as uint16 bit patterns (``bfloat16_bits`` of its
+    exact float32 value: the same bits), zero on the padding pixels: the pixel pairs of the
+    ``gemm=GEMM_BF16_DOT`` weight gradient (a 32-bit broadcast each)."""
+    return te.compute(
+        (geo.batch, geo.out_channels, geo.padded_pixels),
+        lambda n, co, p: te.if_then_else(
+            p < geo.pixels, bfloat16_bits(grad_output[n, co, te.min(p, geo.pixels - 1)].astype("float32")),
+            tirx.const(0, "uint16")),
+        name="grad_output_bits")
+
+
+def pixel_pair_columns(geo: ConvGeometry, columns: te.Tensor) -> te.Tensor:
+    """(N, C*K/16, P'/2, 2, 16): the (N, C*K, P') columns rounded to bfloat16 (uint16 bit patterns),
+    per vector of 16 rows the pixels in pairs: row 16*v + l of pixel 2*p2 + t at [n, v, p2, t, l],
+    the operand of ``vdpbf16ps`` in the weight gradient (16 weight columns, a pair of pixels)."""
+    shape = (geo.batch, geo.in_channels * geo.taps // DOT_LANES, geo.padded_pixels // 2, 2, DOT_LANES)
+    return te.compute(shape, lambda n, v, p2, t, l: bfloat16_bits(columns[n, v * DOT_LANES + l, 2 * p2 + t]),
+                      name="deform_col_pixel_pairs")
+
+
+def weight_gradient(geo: ConvGeometry, grad_out: te.Tensor, columns: te.Tensor, name: str = "grad_weight") -> te.Tensor:
+    """(Cout, C/groups*K) grad_output x columns^T over (batch, pixel), per group, in the
+    arithmetic's dtype: from the padded output gradient and the (N, C*K, P') columns, or with
+    ``gemm=GEMM_BF16_DOT`` from their bfloat16 bits (``grad_output_bits``, ``pixel_pair_columns``),
+    products and sums in float32."""
+    n = te.reduce_axis((0, geo.batch), name="n")
+    if geo.gemm != GEMM_BF16_DOT:
+        p = te.reduce_axis((0, geo.padded_pixels), name="p")
+        return te.compute(
+            (geo.out_channels, geo.reduction),
+            lambda co, r: te.sum(
+                grad_out[n, co, p] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=[n, p]),
+            name=name)
+    p2 = te.reduce_axis((0, geo.padded_pixels // 2), name="p2")
+    t = te.reduce_axis((0, 2), name="t")
+
+    def total(co, r):
+        row = (co // geo.group_out_channels) * geo.reduction + r
+        return te.sum(bfloat16_value(grad_out[n, co, 2 * p2 + t])
+                      * bfloat16_value(columns[n, row // DOT_LANES, p2, t, row % DOT_LANES]), axis=[n, p2, t])
+
+    return te.compute((geo.out_channels, geo.reduction), total, name=name)
 
 
 def column_gradient(geo: ConvGeometry, weight: te.Tensor, grad_out: te.Tensor) -> te.Tensor:
@@ -587,8 +646,8 @@ def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tens
 
 def _check_backward_dtype(wl: Workload) -> None:
     if wl.dtype in HALF_DTYPES:
-        raise ValueError(f"workload {wl.op}: the backward kernels are defined for float32 and float64, got "
-                         f"{wl.dtype} (the PyTorch bridge runs half-precision gradients through the float32 kernels)")
+        raise ValueError(f"workload {wl.op}: the input, offset and mask gradients are defined for float32 and "
+                         f"float64, got {wl.dtype} (the PyTorch bridge runs them through the float32 kernels)")
 
 
 @register(BACKWARD_DATA, scatter=lambda wl: wl["need_input"])
@@ -613,29 +672,38 @@ def build_backward_data(wl: Workload) -> OperatorDef:
     return OperatorDef([t.grad_output] + t.sampling_args() + [t.weight] + outputs, num_outputs=len(outputs))
 
 
-@register(BACKWARD_WEIGHT)
+@register(BACKWARD_WEIGHT, cpu_params=backward_weight_cpu_params)
 def build_backward_weight(wl: Workload) -> OperatorDef:
     """Kernel arguments: grad_output, input, offset, [mask] ->
-    [grad_weight (Cout, C/groups*K)] if need_weight, [grad_bias (Cout,)] if with_bias."""
+    [grad_weight (Cout, C/groups*K)] if need_weight, [grad_bias (Cout,)] if with_bias, all of the
+    workload's dtype. Half dtypes: sampling, columns and sums in float32 (``grad_weight_sum``,
+    ``grad_bias_sum``), each gradient rounded once; with ``gemm=GEMM_BF16_DOT`` the columns are
+    rounded to bfloat16 and multiplied by AVX512-BF16's dot product."""
     geo = ConvGeometry(wl)
-    _check_backward_dtype(wl)
+    half = geo.dtype != geo.compute_dtype
     t = Placeholders(geo, with_bias=False)
     outputs = []
     if wl["need_weight"]:
         corner_index, corner_weight = sampling_stages(geo, t.offset, t.mask)
         columns = deformable_columns(geo, t.data, corner_index, corner_weight)
-        grad_out = padded_grad_output(geo, t.grad_output)
-        n = te.reduce_axis((0, geo.batch), name="n")
-        p = te.reduce_axis((0, geo.padded_pixels), name="p")
-        outputs.append(te.compute(
-            (geo.out_channels, geo.reduction),
-            lambda co, r: te.sum(
-                grad_out[n, co, p] * columns[n, (co // geo.group_out_channels) * geo.reduction + r, p], axis=[n, p]),
-            name="grad_weight"))
+        if geo.gemm == GEMM_BF16_DOT:
+            grad = weight_gradient(geo, grad_output_bits(geo, t.grad_output), pixel_pair_columns(geo, columns),
+                                   name="grad_weight_sum")
+        else:
+            grad = weight_gradient(geo, padded_grad_output(geo, t.grad_output), columns,
+                                   name="grad_weight_sum" if half else "grad_weight")
+        outputs.append(_rounded(grad, geo.dtype, "grad_weight") if half else grad)
     if wl["with_bias"]:
         n = te.reduce_axis((0, geo.batch), name="n")
         p = te.reduce_axis((0, geo.pixels), name="p")
-        outputs.append(te.compute((geo.out_channels,), lambda co: te.sum(t.grad_output[n, co, p], axis=[n, p]),
-                                  name="grad_bias"))
+        grad = te.compute((geo.out_channels,), lambda co: te.sum(_as(t.grad_output[n, co, p], geo.compute_dtype),
+                                                                 axis=[n, p]),
+                          name="grad_bias_sum" if half else "grad_bias")
+        outputs.append(_rounded(grad, geo.dtype, "grad_bias") if half else grad)
     args = [t.grad_output] + (t.sampling_args() if wl["need_weight"] else [])
     return OperatorDef(args + outputs, num_outputs=len(outputs))
+
+
+def _rounded(value: te.Tensor, dtype: str, name: str) -> te.Tensor:
+    """``value`` (float32) rounded to ``dtype`` once, as stage ``name``."""
+    return te.compute(value.shape, lambda *i: value(*i).astype(dtype), name=name)
