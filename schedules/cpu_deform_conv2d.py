@@ -283,13 +283,39 @@ def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool | str 
 @register("llvm", "deform_conv2d_backward_data")
 def schedule_backward_data(sch: Schedule, workload, target, sampled: bool | str = False) -> None:
     """deform_conv2d_backward_data: column-gradient GEMM, then the input scatter and/or the corner
-    sums that give the offset and mask gradients."""
+    sums that give the offset and mask gradients.
+
+    Half dtypes: everything in float32, each gradient rounded once (the input gradient's in a
+    parallel stage after its scatter); with ``gemm=GEMM_BF16_DOT`` the column gradient is
+    AVX512-BF16's dot product of the transposed weight in pairs of output channels
+    (``weight_pairs``, one 32-bit broadcast per row) and the output gradient's pairs
+    (``grad_output_pairs``, 16 pixels a vector)."""
+    from tvm_dcn.ops.deform_conv import GEMM_BF16_DOT
+
     geo, lanes = geometry(workload, target)
+    half = geo.dtype != geo.compute_dtype
     _sampling(sch, lanes, weights=workload["need_input"])
-    parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
+    dot = None
+    if geo.gemm == GEMM_BF16_DOT:
+        if not cpu_bf16.target_has_dot(target):
+            raise ValueError(f"workload {workload.op}: gemm={GEMM_BF16_DOT!r} needs a target with avx512bf16; "
+                             f"{target} has none (build the workload without the parameter)")
+        row, o2, t = sch.get_loops(sch.get_sblock("weight_pairs"))
+        sch.parallel(row)
+        n, v, o2, t, lane = sch.get_loops(sch.get_sblock("grad_output_pairs"))
+        rows = sch.fuse(n, v, o2)
+        sch.parallel(rows)
+        cpu_bf16.import_into(sch, rows)  # the GEMM's dot product (linked once per kernel)
+        sch.unroll(t)
+        sch.vectorize(lane)
+        dot = cpu_bf16.register(cpu_bf16.DOT_16X2_BF16_BITS)
+    else:
+        parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
     blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
-                 registers=vector_registers(target))
+                 registers=vector_registers(target), dot=dot)
+    if workload["need_input"] and half:
+        parallel_rows(sch, "grad_input")
     if workload["need_sampling"]:
         # Loops (n, g, k, q, p, ci): one task per (n, g, k, q); each lanes-wide pixel vector
         # accumulates over the channels in registers.

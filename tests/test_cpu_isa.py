@@ -322,6 +322,7 @@ _GEMM_BLOCK = {"deform_conv2d": "gemm_update", "deform_conv2d_backward_data": "g
     ("deform_conv2d", 32, "float64", 9, 1, 1),
     ("deform_conv2d", 32, "bfloat16", 9, 1, 1),   # AVX512-BF16's dot product on Zen 5: pairs per stripe
     ("deform_conv2d_backward_data", 32, "float32", 9, 1, 1),
+    ("deform_conv2d_backward_data", 32, "bfloat16", 9, 1, 1),    # AVX512-BF16's dot product on Zen 5
     ("deform_conv2d_backward_weight", 32, "float32", 9, 1, 1),
     ("deform_conv2d_backward_weight", 32, "bfloat16", 9, 1, 1),  # AVX512-BF16's dot product on Zen 5
 ])

@@ -289,3 +289,82 @@ def test_tuning_template_samples_of_the_weight_gradient_dot_kernel():
             # Sums in another order: within the float32 accumulation's error, rounded to bfloat16.
             assert_matches(out, hand.double(), torch.bfloat16, what=f"seed {seed}")
     assert len(traces) > 1
+
+
+def _data_workload(wl):
+    from tvm_dcn.ops.deform_conv import backward_data_workload
+
+    return backward_data_workload(wl, need_input=True, need_sampling=True)
+
+
+def test_column_gradient_formulation_follows_the_target():
+    target = tvm.target.Target(SAPPHIRE_RAPIDS)
+    dot = ops.for_target(_data_workload(_workload()), target)
+    assert dot["gemm"] == GEMM_BF16_DOT and dot["pixel_align"] == 16
+    assert ops.for_target(_data_workload(_workload()), tvm.target.Target(SKYLAKE_X)).get("gemm") is None
+    # float16; 9 output channels (the dot product sums output channels in pairs).
+    for wl in (_data_workload(_workload("float16")), _data_workload(_workload(out_channels=9))):
+        assert ops.for_target(wl, target).get("gemm") is None
+    with kernel.forced_schedule("hand"):
+        built = kernel.compile(_data_workload(_workload()), target, use_disk_cache=False)
+    assert "vdpbf16ps" in built.source("asm")
+
+
+@needs_dot
+@pytest.mark.parametrize("name", sorted(DOT_CASES))
+def test_input_offset_mask_gradients_with_the_dot_product(name):
+    """With the dot product the column gradient's products are exact (bfloat16 x bfloat16) and its
+    sums float32: the gradients are within the bfloat16 tolerance of the float64 reference."""
+    from conftest import reference_deform_conv2d_autograd
+
+    wl = DOT_CASES[name]
+    assert ops.for_target(_data_workload(wl), tvm_dcn.host_target())["gemm"] == GEMM_BF16_DOT
+    x, offset, weight, bias, mask = _inputs(wl, seed=2)
+    conv = dict(stride=wl["stride"], padding=wl["padding"])
+    leaves = [t.requires_grad_() for t in (x, offset, weight, bias, mask)]
+    out = tvm_dcn.deform_conv2d(*leaves[:4], mask=leaves[4], **conv)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    reference_deform_conv2d_autograd(*ref[:4], mask=ref[4], **conv).backward(grad.double())
+    for index, what in ((0, "input"), (1, "offset"), (4, "mask")):
+        assert_matches(leaves[index].grad, ref[index].grad, torch.bfloat16, what=f"{name} grad {what}")
+
+
+def test_tuning_template_samples_of_the_column_gradient_dot_kernel():
+    """The bfloat16 input, offset and mask gradients with the dot product as a design space:
+    schedules drawn with other decisions build (with ``vdpbf16ps``) and, where the host has it,
+    compute what the hand schedule computes."""
+    from tvm_dcn.ops.deform_conv import ConvGeometry
+    from tvm_dcn.schedules import find_template
+
+    target = tvm_dcn.host_target() if HOST_HAS_DOT else tvm.target.Target(SAPPHIRE_RAPIDS)
+    wl = ops.for_target(_data_workload(DOT_CASES["stripes"]), target)
+    assert wl["gemm"] == GEMM_BF16_DOT
+    geo = ConvGeometry(wl)
+    x, offset, weight, _, mask = _inputs(wl, seed=5)
+    grad = torch.randn(geo.batch, geo.out_channels, geo.pixels, generator=torch.Generator().manual_seed(6))
+    args = [grad.to(torch.bfloat16)] + [t.reshape(t.shape[0], t.shape[1], -1) for t in (x, offset, mask)] + \
+        [weight.reshape(geo.out_channels, -1)]
+
+    def run(lib):
+        outs = [torch.empty(geo.batch, geo.in_channels, geo.height * geo.width, dtype=torch.bfloat16),
+                torch.empty(geo.batch, 18, geo.pixels, dtype=torch.bfloat16),
+                torch.empty(geo.batch, 9, geo.pixels, dtype=torch.bfloat16)]
+        lib(*args, *outs)
+        return outs
+
+    if HOST_HAS_DOT:
+        with kernel.forced_schedule("hand"):
+            hand = run(tvm_dcn.compile(wl))
+    traces = set()
+    for seed in range(1, 3):
+        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
+        find_template(wl.op, "llvm")(sch, wl, target)
+        traces.add(str(sch.trace))
+        lib = tvm.compile(sch.mod, target=target)
+        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+        if HOST_HAS_DOT:
+            for got, expected, what in zip(run(lib["main"]), hand, ("input", "offset", "mask")):
+                assert_matches(got, expected.double(), torch.bfloat16, what=f"seed {seed} grad {what}")
+    assert len(traces) > 1

@@ -412,21 +412,12 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
                                                                      torch.Tensor, torch.Tensor]:
     """Gradients (input, offset, mask, weight, bias) for the flags ``needs``; a gradient that is
     not needed (or a mask/bias that does not exist) comes back as an empty tensor."""
-    if input.dtype in HALF_DTYPES:
-        # The input, offset and mask gradients (and on CUDA all of them): the float32 kernels
-        # (kernel_dtype), the gradients rounded to the half dtype. On the CPU the weight and bias
-        # gradients have half kernels of their own (float32 sums; AVX512-BF16's dot product).
-        half_weight = device_target(input.device) is None and not _is_empty(input, weight)
-        single_needs = list(needs[:3]) + [need and not half_weight for need in needs[3:]]
-        grads = [input.new_empty(0) for _ in range(5)]
-        if any(single_needs):
-            single = _backward_impl(*(_float32(t) for t in (grad_output, input, offset, weight, mask)), with_bias,
-                                    stride, padding, dilation, single_needs)
-            grads = [g.to(input.dtype) for g in single]
-        if half_weight and (needs[3] or (needs[4] and with_bias)):
-            grads[3], grads[4] = _weight_gradients(grad_output, input, offset, weight, mask, with_bias, stride,
-                                                   padding, dilation, needs[3], needs[4])
-        return tuple(grads)
+    if input.dtype in HALF_DTYPES and device_target(input.device) is not None:
+        # CUDA: the float32 kernels (kernel_dtype), the gradients rounded to the half dtype. The
+        # CPU has half kernels (float32 sums, each gradient rounded once; AVX512-BF16's dot product).
+        grads = _backward_impl(*(_float32(t) for t in (grad_output, input, offset, weight, mask)), with_bias, stride,
+                               padding, dilation, needs)
+        return tuple(g.to(input.dtype) for g in grads)
     need_input, need_offset, need_mask, need_weight, need_bias = needs
     need_mask = need_mask and mask is not None
     need_bias = need_bias and with_bias
@@ -443,7 +434,7 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
     out_channels = weight.shape[0]
     pixels = offset.shape[2] * offset.shape[3]
     if need_input or need_offset or need_mask:
-        forward = _workload(input, offset, weight, None, mask, stride, padding, dilation)
+        forward = _workload(input, offset, weight, None, mask, stride, padding, dilation, input.dtype)
         grad_out = _flat(grad_output, out_channels)
         sampling_args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
         if mask is not None:

@@ -152,16 +152,28 @@ def compute_dtype(dtype: str) -> str:
 
 def bf16_dot_applies(wl: Workload) -> bool:
     """Whether ``wl`` can take ``gemm=GEMM_BF16_DOT``: bfloat16, and for the forward an even number
-    of reduction rows per group (the dot product takes them in pairs), for the weight gradient
-    (``need_weight``) a multiple of 16 of them (the accumulators of one dot product: 16 of a
-    group's weight columns; its pairs are of pixels, and P' is even)."""
-    if wl.dtype != "bfloat16" or wl.op not in (FORWARD, BACKWARD_WEIGHT):
+    of reduction rows per group (the dot product takes them in pairs), for the column gradient an
+    even number of output channels per group, for the weight gradient (``need_weight``) a
+    multiple of 16 reduction rows (the accumulators of one dot product: 16 of a group's weight
+    columns; its pairs are of pixels, and P' is even)."""
+    if wl.dtype != "bfloat16":
         return False
     kh, kw = wl["kernel_size"]
     rows = (wl["in_channels"] // wl["groups"]) * kh * kw
     if wl.op == FORWARD:
         return rows % 2 == 0
-    return wl["need_weight"] and rows % DOT_LANES == 0
+    if wl.op == BACKWARD_DATA:  # the column gradient sums over a group's output channels, in pairs
+        return (wl["out_channels"] // wl["groups"]) % 2 == 0
+    return wl.op == BACKWARD_WEIGHT and wl["need_weight"] and rows % DOT_LANES == 0
+
+
+def backward_data_cpu_params(wl: Workload, target) -> dict:
+    """Parameters of the input, offset and mask gradients' CPU formulation for ``target``:
+    ``gemm=GEMM_BF16_DOT`` with ``pixel_align=16`` (vectors of 16 pixels of the output gradient's
+    pairs) for a bfloat16 workload on a target with AVX512-BF16 where it applies."""
+    if vector_unit(target).bf16_dot and bf16_dot_applies(wl):
+        return {"pixel_align": DOT_LANES, "gemm": GEMM_BF16_DOT}
+    return {}
 
 
 def backward_weight_cpu_params(wl: Workload, target) -> dict:
@@ -213,9 +225,10 @@ class ConvGeometry:
         if self.gemm is not None:
             if self.gemm != GEMM_BF16_DOT or not bf16_dot_applies(wl):
                 raise ValueError(f"workload {wl.op}: gemm must be absent or {GEMM_BF16_DOT!r} (bfloat16, with an even "
-                                 f"number of reduction rows per group in the forward, a multiple of {DOT_LANES} in the "
-                                 f"weight gradient), got {self.gemm!r}")
-            if wl.op == FORWARD and self.pixel_align % DOT_LANES:
+                                 f"number of reduction rows per group in the forward, of output channels per group in "
+                                 f"the input gradient, a multiple of {DOT_LANES} reduction rows in the weight "
+                                 f"gradient), got {self.gemm!r}")
+            if wl.op != BACKWARD_WEIGHT and self.pixel_align % DOT_LANES:
                 raise ValueError(f"workload {wl.op}: gemm={GEMM_BF16_DOT!r} needs pixel_align a multiple of "
                                  f"{DOT_LANES}, got {self.pixel_align}")
 
@@ -530,13 +543,56 @@ def weight_gradient(geo: ConvGeometry, grad_out: te.Tensor, columns: te.Tensor, 
 
 
 def column_gradient(geo: ConvGeometry, weight: te.Tensor, grad_out: te.Tensor) -> te.Tensor:
-    """(N, C*K, P') gradient of the deformable columns: weight^T x grad_output, per group."""
+    """(N, C*K, P') gradient of the deformable columns: weight^T x grad_output, per group, in the
+    arithmetic's dtype (a half weight widened where it is read)."""
     o = te.reduce_axis((0, geo.group_out_channels), name="o")
 
     def grad(n, row, p):
         g = row // geo.reduction
         co = g * geo.group_out_channels + o
-        return te.sum(weight[co, row - g * geo.reduction] * grad_out[n, co, p], axis=o)
+        return te.sum(_as(weight[co, row - g * geo.reduction], geo.compute_dtype) * grad_out[n, co, p], axis=o)
+
+    return te.compute((geo.batch, geo.in_channels * geo.taps, geo.padded_pixels), grad, name="grad_col")
+
+
+def paired_weight_transposed(geo: ConvGeometry, weight: te.Tensor) -> te.Tensor:
+    """(C*K, Cout/groups/2, 2) the bfloat16 weight transposed, as uint16 bit patterns: for column
+    row c*K + k of group g, its group's output channels in pairs, ``[row, o2, t]`` the weight of
+    output channel 2*o2 + t (one 32-bit broadcast of the column gradient's dot product)."""
+    def bits(row, o2, t):
+        g = row // geo.reduction
+        return bfloat16_bits(weight[g * geo.group_out_channels + 2 * o2 + t, row - g * geo.reduction].astype("float32"))
+
+    return te.compute((geo.in_channels * geo.taps, geo.group_out_channels // 2, 2), bits, name="weight_pairs")
+
+
+def paired_grad_output(geo: ConvGeometry, grad_output: te.Tensor) -> te.Tensor:
+    """(N, P'/16, Cout/2, 2, 16) the bfloat16 output gradient as uint16 bit patterns, zero on the
+    padding pixels, per vector of 16 pixels its output channels in pairs (the layout of
+    ``pair_columns``, with output channels for rows)."""
+    P = geo.pixels
+
+    def bits(n, v, o2, t, l):
+        p = v * DOT_LANES + l
+        value = grad_output[n, 2 * o2 + t, te.min(p, P - 1)].astype("float32")
+        return te.if_then_else(p < P, bfloat16_bits(value), tirx.const(0, "uint16"))
+
+    shape = (geo.batch, geo.padded_pixels // DOT_LANES, geo.out_channels // 2, 2, DOT_LANES)
+    return te.compute(shape, bits, name="grad_output_pairs")
+
+
+def paired_column_gradient(geo: ConvGeometry, weight_pairs: te.Tensor, grad_out_pairs: te.Tensor) -> te.Tensor:
+    """The ``gemm=GEMM_BF16_DOT`` column gradient (``column_gradient``): products of bfloat16 values
+    (exact in float32) summed in float32, a pair of output channels per step."""
+    half = geo.group_out_channels // 2
+    o2 = te.reduce_axis((0, half), name="o2")
+    t = te.reduce_axis((0, 2), name="ot")
+
+    def grad(n, row, p):
+        g = row // geo.reduction
+        return te.sum(bfloat16_value(weight_pairs[row, o2, t])
+                      * bfloat16_value(grad_out_pairs[n, p // DOT_LANES, g * half + o2, t, p % DOT_LANES]),
+                      axis=[o2, t])
 
     return te.compute((geo.batch, geo.in_channels * geo.taps, geo.padded_pixels), grad, name="grad_col")
 
@@ -549,7 +605,8 @@ def corner_sums(geo: ConvGeometry, data: te.Tensor, corner_index: te.Tensor, gra
 
     def total(n, g, k, q, p):
         c = g * cpg + ci
-        return te.sum(grad_col[n, c * K + k, p] * data[n, c, corner_index[n, g, k, q, p]], axis=ci)
+        return te.sum(grad_col[n, c * K + k, p] * _as(data[n, c, corner_index[n, g, k, q, p]], geo.compute_dtype),
+                      axis=ci)
 
     shape = (geo.batch, geo.offset_groups, K, 4, geo.padded_pixels)
     return te.compute(shape, total, name="corner_sum")
@@ -562,7 +619,7 @@ def offset_gradient(geo: ConvGeometry, sample: te.Tensor, sums: te.Tensor, mask:
 
     def grad(n, channel, p):
         g, k, axis = channel // (2 * K), (channel // 2) % K, channel % 2
-        total = tirx.const(0, geo.dtype)
+        total = tirx.const(0, geo.compute_dtype)
         for q in range(4):
             corner = BilinearCorner(geo, sample, n, g, k, q, p)
             # d(weight_y * weight_x)/dy = +-weight_x, /dx = +-weight_y
@@ -571,8 +628,8 @@ def offset_gradient(geo: ConvGeometry, sample: te.Tensor, sums: te.Tensor, mask:
             slope = te.if_then_else(axis == 0, sign_y * corner.weight_x(), sign_x * corner.weight_y())
             total = total + corner.masked(slope * sums[n, g, k, q, p])
         if mask is not None:
-            total = total * mask[n, g * K + k, p]
-        return total
+            total = total * _as(mask[n, g * K + k, p], geo.compute_dtype)
+        return _as(total, geo.dtype)
 
     return te.compute((geo.batch, 2 * geo.offset_groups * K, geo.pixels), grad, name="grad_offset")
 
@@ -583,17 +640,17 @@ def mask_gradient(geo: ConvGeometry, sample: te.Tensor, sums: te.Tensor) -> te.T
 
     def grad(n, channel, p):
         g, k = channel // K, channel % K
-        total = tirx.const(0, geo.dtype)
+        total = tirx.const(0, geo.compute_dtype)
         for q in range(4):
             corner = BilinearCorner(geo, sample, n, g, k, q, p)
             total = total + corner.masked(corner.weight_y() * corner.weight_x() * sums[n, g, k, q, p])
-        return total
+        return _as(total, geo.dtype)
 
     return te.compute((geo.batch, geo.offset_groups * K, geo.pixels), grad, name="grad_mask")
 
 
 def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tensor,
-                   corner_weight: te.Tensor, atomic: bool = False) -> te.Tensor:
+                   corner_weight: te.Tensor, atomic: bool = False, name: str = "grad_input") -> te.Tensor:
     """(N, C, H*W) d loss / d input: each column entry's gradient scattered to its four corners.
 
     A scatter, which ``te.compute`` cannot express: an extern stage. CPU formulation: every
@@ -608,6 +665,7 @@ def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tens
 
     N, C, K, HW, P = geo.batch, geo.in_channels, geo.taps, geo.height * geo.width, geo.pixels
     cpg = geo.channels_per_offset_group
+    dtype = geo.compute_dtype  # half gradients: summed in float32, rounded by the caller
     if atomic:
         def add(t, ins, grad_input):
             grad_col_buf, index_buf, weight_buf = ins
@@ -616,10 +674,10 @@ def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tens
             column_grad = grad_col_buf[n, c * K + k, p]
             for q in range(4):
                 w = weight_buf[n, g, k, q, p]
-                with gpu_scatter.when(w != tirx.const(0, geo.dtype)):
+                with gpu_scatter.when(w != tirx.const(0, dtype)):
                     gpu_scatter.atomic_add(grad_input, (n, c, index_buf[n, g, k, q, p]), w * column_grad)
 
-        return gpu_scatter.atomic_scatter("grad_input", (N, C, HW), geo.dtype, [grad_col, corner_index, corner_weight],
+        return gpu_scatter.atomic_scatter(name, (N, C, HW), dtype, [grad_col, corner_index, corner_weight],
                                           N * C * K * P, add)
 
     def body(ins, outs):
@@ -630,7 +688,7 @@ def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tens
                 n, c = plane // C, plane % C
                 g = c // cpg
                 with T.serial(0, HW) as i:
-                    grad_input[n, c, i] = tirx.const(0, geo.dtype)
+                    grad_input[n, c, i] = tirx.const(0, dtype)
                 with T.serial(0, K) as k:
                     with T.serial(0, P) as p:
                         column_grad = grad_col_buf[n, c * K + k, p]
@@ -640,30 +698,31 @@ def input_gradient(geo: ConvGeometry, grad_col: te.Tensor, corner_index: te.Tens
                                                         + weight_buf[n, g, k, q, p] * column_grad)
         return ib.get()
 
-    return te.extern([(N, C, HW)], [grad_col, corner_index, corner_weight], body, dtype=geo.dtype,
-                     name="grad_input")
+    return te.extern([(N, C, HW)], [grad_col, corner_index, corner_weight], body, dtype=dtype, name=name)
 
 
-def _check_backward_dtype(wl: Workload) -> None:
-    if wl.dtype in HALF_DTYPES:
-        raise ValueError(f"workload {wl.op}: the input, offset and mask gradients are defined for float32 and "
-                         f"float64, got {wl.dtype} (the PyTorch bridge runs them through the float32 kernels)")
-
-
-@register(BACKWARD_DATA, scatter=lambda wl: wl["need_input"])
+@register(BACKWARD_DATA, scatter=lambda wl: wl["need_input"], cpu_params=backward_data_cpu_params)
 def build_backward_data(wl: Workload) -> OperatorDef:
     """Kernel arguments: grad_output, input, offset, [mask], weight ->
-    [grad_input (N, C, H*W)] if need_input, [grad_offset, [grad_mask]] if need_sampling."""
+    [grad_input (N, C, H*W)] if need_input, [grad_offset, [grad_mask]] if need_sampling, all of the
+    workload's dtype. Half dtypes: the column gradient, sums and scatter in float32, each gradient
+    rounded once; with ``gemm=GEMM_BF16_DOT`` the column gradient is AVX512-BF16's dot product of
+    the bfloat16 weight and output gradient (exact products, float32 sums)."""
     geo = ConvGeometry(wl)
-    _check_backward_dtype(wl)
+    half = geo.dtype != geo.compute_dtype
     t = Placeholders(geo, with_bias=False)
     sample = sample_coordinates(geo, t.offset)
     corner_index = corner_indices(geo, sample)
-    grad_col = column_gradient(geo, t.weight, padded_grad_output(geo, t.grad_output))
+    if geo.gemm == GEMM_BF16_DOT:
+        grad_col = paired_column_gradient(geo, paired_weight_transposed(geo, t.weight),
+                                          paired_grad_output(geo, t.grad_output))
+    else:
+        grad_col = column_gradient(geo, t.weight, padded_grad_output(geo, t.grad_output))
     outputs = []
     if wl["need_input"]:
-        outputs.append(input_gradient(geo, grad_col, corner_index, corner_weights(geo, sample, t.mask),
-                                      atomic=atomic_scatter(wl)))
+        grad_input = input_gradient(geo, grad_col, corner_index, corner_weights(geo, sample, t.mask),
+                                    atomic=atomic_scatter(wl), name="grad_input_sum" if half else "grad_input")
+        outputs.append(_rounded(grad_input, geo.dtype, "grad_input") if half else grad_input)
     if wl["need_sampling"]:
         sums = corner_sums(geo, t.data, corner_index, grad_col)
         outputs.append(offset_gradient(geo, sample, sums, t.mask))
