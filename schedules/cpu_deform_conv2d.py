@@ -300,8 +300,12 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool | str 
         if not cpu_bf16.target_has_dot(target):
             raise ValueError(f"workload {workload.op}: gemm={GEMM_BF16_DOT!r} needs a target with avx512bf16; "
                              f"{target} has none (build the workload without the parameter)")
+        # A transposition: tiles of 32 rows (a 64-byte line of each weight row) x all output
+        # channels, read along the rows and written along the channels, in L1.
         row, o2, t = sch.get_loops(sch.get_sblock("weight_pairs"))
-        sch.parallel(row)
+        rows_outer, rows_inner = sch.split(row, [None, largest_divisor(geo.in_channels * geo.taps, 32)])
+        sch.reorder(rows_outer, o2, t, rows_inner)
+        sch.parallel(rows_outer)
         n, v, o2, t, lane = sch.get_loops(sch.get_sblock("grad_output_pairs"))
         rows = sch.fuse(n, v, o2)
         sch.parallel(rows)
