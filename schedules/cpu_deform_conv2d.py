@@ -315,6 +315,8 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool | str 
         dot = cpu_bf16.register(cpu_bf16.DOT_16X2_BF16_BITS)
     else:
         parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
+        if half:
+            parallel_vectorize(sch, "weight_widened", parallel_axes=1, lanes=1)
     blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
                  registers=vector_registers(target), dot=dot)

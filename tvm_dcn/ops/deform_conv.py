@@ -469,10 +469,7 @@ def build_forward(wl: Workload) -> OperatorDef:
     if geo.gemm == GEMM_BF16_DOT:
         gemm = pair_gemm(geo, t.weight, pair_columns(geo, columns))
     elif geo.dtype != geo.compute_dtype:
-        # The half weight widened once, not per use in the GEMM's inner loop.
-        weight = te.compute(t.weight.shape, lambda co, r: t.weight[co, r].astype(geo.compute_dtype),
-                            name="weight_widened")
-        gemm = forward_gemm(geo, weight, columns)
+        gemm = forward_gemm(geo, widened_weight(geo, t.weight), columns)
     else:
         gemm = forward_gemm(geo, t.weight, columns)
     if t.bias is None:
@@ -484,6 +481,12 @@ def build_forward(wl: Workload) -> OperatorDef:
                          name="output")
     args = t.sampling_args() + [t.weight] + ([t.bias] if t.bias is not None else [])
     return OperatorDef(args + [out])
+
+
+def widened_weight(geo: ConvGeometry, weight: te.Tensor) -> te.Tensor:
+    """A half weight widened to float32 once, not per use in a GEMM's inner loop (where each
+    conversion also keeps the broadcast from folding into the FMA)."""
+    return te.compute(weight.shape, lambda co, r: weight[co, r].astype(geo.compute_dtype), name="weight_widened")
 
 
 def padded_grad_output(geo: ConvGeometry, grad_output: te.Tensor) -> te.Tensor:
@@ -544,7 +547,7 @@ def weight_gradient(geo: ConvGeometry, grad_out: te.Tensor, columns: te.Tensor, 
 
 def column_gradient(geo: ConvGeometry, weight: te.Tensor, grad_out: te.Tensor) -> te.Tensor:
     """(N, C*K, P') gradient of the deformable columns: weight^T x grad_output, per group, in the
-    arithmetic's dtype (a half weight widened where it is read)."""
+    arithmetic's dtype (the weight of a half workload comes widened: ``widened_weight``)."""
     o = te.reduce_axis((0, geo.group_out_channels), name="o")
 
     def grad(n, row, p):
@@ -717,7 +720,8 @@ def build_backward_data(wl: Workload) -> OperatorDef:
         grad_col = paired_column_gradient(geo, paired_weight_transposed(geo, t.weight),
                                           paired_grad_output(geo, t.grad_output))
     else:
-        grad_col = column_gradient(geo, t.weight, padded_grad_output(geo, t.grad_output))
+        grad_col = column_gradient(geo, widened_weight(geo, t.weight) if half else t.weight,
+                                   padded_grad_output(geo, t.grad_output))
     outputs = []
     if wl["need_input"]:
         grad_input = input_gradient(geo, grad_col, corner_index, corner_weights(geo, sample, t.mask),
