@@ -200,7 +200,7 @@ def reference_deform_conv2d(input, offset, weight, bias=None, stride=1, padding=
 # --------------------------------------------------------------------------------------------
 # Tolerances
 
-# Half precision (bfloat16, float16) runs the float32 kernels and rounds each result once: against
+# Half precision (bfloat16, float16) computes in float32 and rounds each result once: against
 # a float64 reference on the same (rounded) inputs its error is half a unit in the last place of
 # the half dtype plus float32's. rtol is one unit (2**-7 for bfloat16's 8-bit significand, 2**-10
 # for float16's 11-bit one), atol float32's.

@@ -5,9 +5,11 @@ Every operator, forward and every gradient, in both half dtypes against a float6
 same half-rounded inputs: the operators compute in float32 and round each result once, so the
 difference is within one unit in the last place of the half dtype (``conftest.RTOL``; rounding the
 inputs is half precision's own error, not the operators'); a bfloat16 forward that multiplies
-with AVX512-BF16's dot product rounds its columns to bfloat16 too (``conftest.columns_rounding_bound``).
-Then: results equal the float32 kernels' rounded where the bridge promises it (gradients; half
-forwards without the dot product), the no-grad eager path, mixed dtypes, autocast on
+with AVX512-BF16's dot product rounds its columns to bfloat16 too (``conftest.columns_rounding_bound``;
+the bfloat16 gradients' dot products are in test_half_kernels.py: these shapes do not take them).
+Then: results equal the float32 kernels' rounded where the bridge promises it (half kernels
+without the dot product, and float16 gradients, which run the float32 kernels), the no-grad
+eager path, mixed dtypes, autocast on
 the CPU (a DCNv2 module, the RoI functions, the operators directly, ``torch.compile``), ``opcheck``
 of half calls and the training example under autocast.
 
@@ -78,9 +80,11 @@ def test_deform_conv2d(conv_data, dtype):
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 def test_deform_conv2d_is_the_float32_kernels_rounded(conv_data, dtype):
-    """Half-precision gradients go through the float32 kernels: they are theirs, rounded. So is the
-    forward, computed by a half kernel in float32, except where a bfloat16 forward multiplies with
-    AVX512-BF16's dot product (its columns rounded: ``columns_rounding_bound``, test_deform_conv2d)."""
+    """Half-precision results are the float32 kernels' rounded: float16 gradients run those kernels;
+    the half forward, and the bfloat16 gradients, compute in float32 with the same loops and round
+    once. Not where a bfloat16 forward multiplies with AVX512-BF16's dot product (its columns
+    rounded: ``columns_rounding_bound``, test_deform_conv2d); these shapes' gradients do not take
+    it (2 x 3 x 3 weight columns and 3 output channels per group)."""
     tensors, grad = conv_data
     names = list(tensors)
     half = [tensors[k].to(dtype).requires_grad_() for k in names]

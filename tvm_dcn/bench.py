@@ -43,10 +43,10 @@ RoI Align cases time 512 random boxes (16-400 px) of the workload on its feature
 
 Half precision (``dtype="bfloat16"`` / ``"float16"``, ``--dtype``): the tvm-dcn rows and dense
 conv2d take the layer's tensors in that dtype (tvm-dcn's CPU forward with its half kernels, the
-gradients with its float32 kernels: ``functional``), torchvision and the peers keep them in
-float32 (torchvision has no bfloat16 deformable convolution on the CPU, the peers no
-half-precision one), and the reported error is against that float32 forward. Results then go to
-``bench-<dtype>.{json,md,png}``.
+bfloat16 gradients with theirs, float16 ones through the float32 kernels: ``functional``),
+torchvision and the peers keep them in float32 (torchvision has no bfloat16 deformable
+convolution on the CPU, the peers no half-precision one), and the reported error is against that
+float32 forward. Results then go to ``bench-<dtype>.{json,md,png}``.
 
 Two modes per layer: ``forward`` (no autograd) and ``forward+backward`` (gradients of input,
 offset, mask and weight, as in training). ``batches`` (``--batch 1 8``) times every

@@ -29,11 +29,12 @@ runs on cold caches here, so each one counts: measured side by side, each call r
 layer's offset convolution, the direct call took 0.23-0.30 ms less than validation plus the
 operator (ResNet-50 DCN layers, two runs).
 
-Half precision: on the CPU the forward has bfloat16 and float16 kernels (half tensors in and
-out, sampling and accumulation in float32; on CPUs with AVX512-BF16 the bfloat16 GEMM uses
-``vdpbf16ps`` on columns rounded to bfloat16 once). The gradients, and CUDA, run the float32
-kernels: the operators convert half tensors to float32 once and return results and gradients in
-the half dtype (``kernel_dtype``). ``torch.autocast``: the forward
+Half precision: on the CPU the forward has bfloat16 and float16 kernels and the gradients
+bfloat16 ones (half tensors in and out, sampling and accumulation in float32, each result rounded
+once; on CPUs with AVX512-BF16 their GEMMs use ``vdpbf16ps``, the forward's and the weight
+gradient's columns rounded to bfloat16). float16 gradients, and CUDA, run the float32 kernels:
+the operators convert half tensors to float32 once and return results and gradients in the half
+dtype (``kernel_dtype``). ``torch.autocast``: the forward
 operators have AutocastCPU and AutocastCUDA kernels (:func:`implements_autocast`), deform_conv2d
 with ``conv2d``'s rule (floating-point arguments cast to the autocast dtype), the RoI family with
 torchvision's (float32 compute, results in the input's dtype); the functions apply the same rules
@@ -259,9 +260,11 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
 
     All tensors have one dtype: float32, float64, or bfloat16 / float16. Half tensors compute in
     float32 and return results and gradients in their dtype: on the CPU the forward has half
-    kernels (with AVX512-BF16, and (C_in / groups) x KH x KW even, the bfloat16 GEMM uses
-    ``vdpbf16ps`` on columns rounded to bfloat16); the gradients, and CUDA, convert them to
-    float32 once and run the float32 kernels. Under ``torch.autocast`` the floating-point tensors
+    kernels and the bfloat16 gradients too (with AVX512-BF16 their GEMMs use ``vdpbf16ps``: the
+    forward where (C_in / groups) x KH x KW is even and the weight gradient where it is a
+    multiple of 16, on columns rounded to bfloat16; the input, offset and mask gradients where
+    C_out / groups is even); float16 gradients, and CUDA, convert them to float32 once and run
+    the float32 kernels. Under ``torch.autocast`` the floating-point tensors
     (except float64 ones) are first cast to the autocast dtype, as ``conv2d``'s are.
     """
     if not torch.jit.is_scripting():
