@@ -211,9 +211,9 @@ def columns_in_gemm_tasks(workload, geo, lanes: int, target) -> bool:
     pixels) and the GEMM's row-block tasks read them back, half from the other core's cache; the
     forward runs in two parallel regions (transposition; columns and GEMM) instead of three.
     Measured on Zen 5 (2 cores, alternated in one process, each call after the layer's offset
-    convolution, three runs): the 128-channel ResNet-50 layers (a 576 KB weight) 2-14% faster; the
-    256-channel ones (2.25 MB, 13 tasks) 0-10% slower, the 512-channel ones (9 MB, one task per
-    core) within 4%."""
+    convolution, three runs): the 128-channel ResNet-50 layers (a 576 KB weight) 0-14% faster; the
+    256-channel ones (2.25 MB, 13 tasks) from 14% faster to 10% slower, the 512-channel ones
+    (9 MB, one task per core) within 4%."""
     from tvm_dcn.ops.deform_conv import COLUMNS_GATHER, GEMM_BF16_DOT, columns_formulation
 
     if columns_formulation(workload) == COLUMNS_GATHER or geo.gemm == GEMM_BF16_DOT:
