@@ -1,9 +1,10 @@
 """AVX512-BF16's dot product as a tensor intrinsic: ``vdpbf16ps`` multiplies a pair of bfloat16
-weights (one 32-bit broadcast; in the weight gradient a pair of output-gradient pixels) by 16 pairs
-of bfloat16 column values and adds both products of
-each pair to one of 16 float32 accumulators: 32 multiply-adds per instruction, where a float32
-FMA does 16. The columns come as two rows of 16 uint16 bit patterns (``ops.deform_conv.pair_columns``:
-TVM widens intermediate bfloat16 buffers to float32), interleaved in registers by one shuffle.
+values, one 32-bit broadcast (the forward's weights; in the gradients transposed weights or
+output-gradient pixels), by 16 pairs of bfloat16 values (columns; in the column gradient
+output-gradient values) and adds both products of each pair to one of 16 float32 accumulators:
+32 multiply-adds per instruction, where a float32 FMA does 16. The 16 pairs come as two rows of 16
+uint16 bit patterns (e.g. ``ops.deform_conv.pair_columns``: TVM widens intermediate bfloat16
+buffers to float32), interleaved in registers by one shuffle.
 
 TVM's own lowering widens every bfloat16 value to float32 and stores bfloat16 as 16-bit integers,
 and LLVM's ``llvm.x86.avx512bf16.dpbf16ps.512`` takes ``<32 x bfloat>`` vectors, which TIR cannot
@@ -19,8 +20,8 @@ from tvm.script import tirx as T
 from ..cpu_isa import vector_unit
 
 DOT_16X2_BF16 = "tvm_dcn_dot_16x2_bf16"
-# The same with the pair operand as uint16 bit patterns (an intermediate buffer: the backward's
-# zero-padded output gradient).
+# The same with the pair operand as uint16 bit patterns, an intermediate buffer: the column
+# gradient's transposed weight pairs, the weight gradient's zero-padded output-gradient pixels.
 DOT_16X2_BF16_BITS = "tvm_dcn_dot_16x2_bf16_bits"
 # Float32 accumulators (pixels) of one dot product, and the bfloat16 pair each one sums.
 LANES = 16
@@ -117,6 +118,13 @@ def register(name: str = DOT_16X2_BF16) -> str:
 def target_has_dot(target) -> bool:
     """Whether ``target`` has the instruction (AVX512-BF16)."""
     return vector_unit(target).bf16_dot
+
+
+def require_dot(workload, target) -> None:
+    """ValueError naming ``workload``'s ``gemm`` where ``target`` lacks the instruction."""
+    if not target_has_dot(target):
+        raise ValueError(f"workload {workload.op}: gemm={workload['gemm']!r} needs a target with avx512bf16; "
+                         f"{target} has none (build the workload without the parameter)")
 
 
 def import_into(sch, loop) -> None:

@@ -192,11 +192,11 @@ def forward_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool | st
 
 def task_weight_bytes(target) -> int:
     """The largest weight a forward task reads whole (``columns_in_gemm_tasks``): three quarters of
-    a per-core L2, beside a stripe of columns. The target names no cache sizes, so the smallest
-    L2 of the CPUs with its vector unit: AVX-512 parts have 1-2 MB (Skylake-X, Ice Lake, Sapphire
-    Rapids, Zen 4 and 5); AVX2 ones from 256 KB (Haswell to Skylake client cores) and 512 KB
-    (Zen 2 and 3), AArch64 cores from 512 KB (taken as 512 KB)."""
-    return (1 << 20 if vector_unit(target).isa == "avx512" else 1 << 19) * 3 // 4
+    a per-core L2, beside a stripe of columns. The target names no cache sizes, so a typical L2 of
+    the CPUs with its vector unit: AVX-512 server and desktop parts have 1-2 MB (Skylake-X, Ice
+    Lake-SP, Sapphire Rapids, Zen 4 and 5; Ice Lake client cores 512 KB); for the others the
+    smallest common one, 256 KB (Haswell to Skylake client cores; Zen 2 and 3 have 512 KB)."""
+    return (1 << 20 if vector_unit(target).isa == "avx512" else 1 << 18) * 3 // 4
 
 
 def columns_in_gemm_tasks(workload, geo, lanes: int, target) -> bool:
@@ -245,9 +245,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool | str = False) -> No
     epilogue = "output" if geo.padded_pixels == geo.pixels else None
     dot = None
     if geo.gemm == GEMM_BF16_DOT:
-        if not cpu_bf16.target_has_dot(target):
-            raise ValueError(f"workload {workload.op}: gemm={GEMM_BF16_DOT!r} needs a target with avx512bf16; "
-                             f"{target} has none (build the workload without the parameter)")
+        cpu_bf16.require_dot(workload, target)
         _pair_columns(sch, workload, geo, lanes, sampled=sampled)
         dot = cpu_bf16.register()
     fused = dot is None and columns_in_gemm_tasks(workload, geo, lanes, target)
@@ -269,13 +267,23 @@ def _pair_columns(sch: Schedule, workload, geo, lanes: int, sampled: bool | str 
     (``ops.deform_conv.pair_columns``), one vector of 16 pixels per row. Where the columns are
     computed in stripes of one pixel vector, each stripe is paired right after it is computed, by
     the same task (while it is in cache); else parallel over pixel vectors and pairs of rows."""
-    if forward_columns(sch, workload, geo, lanes, sampled=sampled, per_stripe="deform_col_pairs"):
-        rows, t, lane = sch.get_loops(sch.get_sblock("deform_col_pairs"))[-3:]
-    else:
-        n, v, r2, t, lane = sch.get_loops(sch.get_sblock("deform_col_pairs"))
-        rows = sch.fuse(n, v, r2)
+    per_stripe = forward_columns(sch, workload, geo, lanes, sampled=sampled, per_stripe="deform_col_pairs")
+    _pairs_stage(sch, "deform_col_pairs", parallel=not per_stripe)
+
+
+def _pairs_stage(sch: Schedule, block: str, parallel: bool = True) -> None:
+    """A stage of bfloat16 pairs for the dot product, loops (..., pair element, lane): its leading
+    loops fused into a parallel loop (``parallel``; else it is computed inside another stage's
+    task), the pair unrolled, the lanes vectorised. The stage also links the dot product's LLVM
+    function into the kernel (once per kernel)."""
+    loops = sch.get_loops(sch.get_sblock(block))
+    t, lane = loops[-2:]
+    if parallel:
+        rows = sch.fuse(*loops[:-2])
         sch.parallel(rows)
-    cpu_bf16.import_into(sch, rows)  # the GEMM's dot product (linked once per kernel)
+    else:
+        rows = loops[-3]
+    cpu_bf16.import_into(sch, rows)
     sch.unroll(t)
     sch.vectorize(lane)
 
@@ -297,26 +305,19 @@ def schedule_backward_data(sch: Schedule, workload, target, sampled: bool | str 
     _sampling(sch, lanes, weights=workload["need_input"])
     dot = None
     if geo.gemm == GEMM_BF16_DOT:
-        if not cpu_bf16.target_has_dot(target):
-            raise ValueError(f"workload {workload.op}: gemm={GEMM_BF16_DOT!r} needs a target with avx512bf16; "
-                             f"{target} has none (build the workload without the parameter)")
+        cpu_bf16.require_dot(workload, target)
         # A transposition: tiles of 32 rows (a 64-byte line of each weight row) x all output
         # channels, read along the rows and written along the channels, in L1.
         row, o2, t = sch.get_loops(sch.get_sblock("weight_pairs"))
         rows_outer, rows_inner = sch.split(row, [None, largest_divisor(geo.in_channels * geo.taps, 32)])
         sch.reorder(rows_outer, o2, t, rows_inner)
         sch.parallel(rows_outer)
-        n, v, o2, t, lane = sch.get_loops(sch.get_sblock("grad_output_pairs"))
-        rows = sch.fuse(n, v, o2)
-        sch.parallel(rows)
-        cpu_bf16.import_into(sch, rows)  # the GEMM's dot product (linked once per kernel)
-        sch.unroll(t)
-        sch.vectorize(lane)
+        _pairs_stage(sch, "grad_output_pairs")
         dot = cpu_bf16.register(cpu_bf16.DOT_16X2_BF16_BITS)
     else:
         parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
         if half:
-            parallel_vectorize(sch, "weight_widened", parallel_axes=1, lanes=1)
+            parallel_rows(sch, "weight_widened", parallel_axes=1)
     blocked_gemm(sch, "grad_col", group_rows=geo.reduction, batch_rows=geo.batch * geo.in_channels * geo.taps,
                  pixel_vectors=geo.padded_pixels // lanes, lanes=lanes, cores=core_count(target), sampled=sampled,
                  registers=vector_registers(target), dot=dot)
@@ -357,23 +358,16 @@ def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool | st
     if workload["need_weight"]:
         _columns(sch, lanes)
         if geo.gemm == GEMM_BF16_DOT:
-            if not cpu_bf16.target_has_dot(target):
-                raise ValueError(f"workload {workload.op}: gemm={GEMM_BF16_DOT!r} needs a target with avx512bf16; "
-                                 f"{target} has none (build the workload without the parameter)")
+            cpu_bf16.require_dot(workload, target)
             parallel_vectorize(sch, "grad_output_bits", parallel_axes=2, lanes=lanes)
-            n, v, p2, t, lane = sch.get_loops(sch.get_sblock("deform_col_pixel_pairs"))
-            rows = sch.fuse(n, v, p2)
-            sch.parallel(rows)
-            cpu_bf16.import_into(sch, rows)  # the GEMM's dot product (linked once per kernel)
-            sch.unroll(t)
-            sch.vectorize(lane)
-            _weight_gradient_gemm(sch, geo, cpu_bf16.LANES, sampled, half, dot=cpu_bf16.register(
-                cpu_bf16.DOT_16X2_BF16_BITS))
+            _pairs_stage(sch, "deform_col_pixel_pairs")
+            _weight_gradient_gemm(sch, geo, lanes, cpu_bf16.LANES, sampled, half,
+                                  dot=cpu_bf16.register(cpu_bf16.DOT_16X2_BF16_BITS))
         else:
             parallel_vectorize(sch, "grad_output_padded", parallel_axes=2, lanes=lanes)
             # Pixel-major columns: the GEMM then reads lanes consecutive rows of one pixel per step.
             sch.transform_layout(sch.get_sblock("deform_col"), ("write", 0), lambda n, row, p: (n, p, row))
-            _weight_gradient_gemm(sch, geo, largest_divisor(geo.reduction, lanes), sampled, half)
+            _weight_gradient_gemm(sch, geo, lanes, largest_divisor(geo.reduction, lanes), sampled, half)
     if workload["with_bias"]:
         block = "grad_bias_sum" if half else "grad_bias"
         sch.parallel(sch.get_loops(sch.get_sblock(block))[0])
@@ -381,12 +375,13 @@ def schedule_backward_weight(sch: Schedule, workload, target, sampled: bool | st
             sch.reverse_compute_at(sch.get_sblock("grad_bias"), sch.get_loops(sch.get_sblock(block))[0])
 
 
-def _weight_gradient_gemm(sch: Schedule, geo, r_lanes: int, sampled: bool | str, half: bool,
+def _weight_gradient_gemm(sch: Schedule, geo, lanes: int, r_lanes: int, sampled: bool | str, half: bool,
                           dot: Optional[str] = None) -> None:
     """The weight gradient's GEMM: one parallel task per (rows x r_lanes) tile of grad_weight, its
     accumulators in registers across the whole (batch, pixel) reduction; ``half``: the float32
     sums rounded into the half gradient from the registers. ``dot``: the tensor intrinsic of one
-    vector over the innermost reduction loop (the pixel pair)."""
+    vector over the innermost reduction loop (the pixel pair). ``lanes``: the target's vector
+    width, which bounds the sampled tile of weight columns."""
     rows = largest_divisor(geo.group_out_channels, ACCUMULATOR_VECTORS)
     block = sch.get_sblock("grad_weight_sum" if half else "grad_weight")
     co, r, *reduction = sch.get_loops(block)
@@ -400,7 +395,7 @@ def _weight_gradient_gemm(sch: Schedule, geo, r_lanes: int, sampled: bool | str,
             r_outer, r_inner = sch.split(r, [None, r_lanes])
         else:
             r_hand = hand_decision(sampled, [r_extent // r_lanes, r_lanes])
-            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(r, n=2, max_innermost_factor=2 * r_lanes,
+            r_outer, r_inner = sch.split(r, sch.sample_perfect_tile(r, n=2, max_innermost_factor=2 * lanes,
                                                                     decision=r_hand))
     else:
         co_outer, co_inner = sch.split(co, [None, rows])

@@ -64,10 +64,19 @@ def schedule(sch, workload, target) -> None:
                epilogue="output")
 
 
+def _refuse_half_gradients(workload) -> None:
+    from tvm_dcn.ops.deform_conv import HALF_DTYPES
+
+    if workload.dtype in HALF_DTYPES:
+        raise ValueError(f"workload {workload.op}: half-precision gradient kernels are CPU kernels, got {workload.dtype} "
+                         "for CUDA (the PyTorch bridge runs CUDA half gradients through the float32 kernels)")
+
+
 @register("cuda", "deform_conv2d_backward_data")
 def schedule_backward_data(sch, workload, target) -> None:
     """deform_conv2d_backward_data: column gradient = weight^T x grad_output (per group), then
     the atomic input scatter and/or the corner sums of the offset and mask gradients."""
+    _refuse_half_gradients(workload)
     geo, vector = _geometry(workload)
     _sampling(sch)
     bind_elementwise(sch, sch.get_sblock("grad_output_padded"))
@@ -103,6 +112,7 @@ def _corner_sums(sch) -> None:
 def schedule_backward_weight(sch, workload, target) -> None:
     """deform_conv2d_backward_weight: the deformable columns again, then grad_weight =
     grad_output x columns^T (a GEMM reducing over batch and pixels); grad_bias."""
+    _refuse_half_gradients(workload)
     geo, vector = _geometry(workload)
     if workload["need_weight"]:
         _columns(sch, vector)

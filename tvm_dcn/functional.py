@@ -418,7 +418,7 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
     if input.dtype in HALF_DTYPES and (input.dtype != torch.bfloat16 or device_target(input.device) is not None):
         # float16, and CUDA: the float32 kernels (kernel_dtype), the gradients rounded to the half
         # dtype. bfloat16 on the CPU has gradient kernels of its own (float32 sums, each gradient
-        # rounded once; AVX512-BF16's dot product). float16's ran 1.1-1.25x as long as float32's
+        # rounded once; AVX512-BF16's dot product). float16's ran 1.13-1.25x as long as float32's
         # (each gathered float16 value converted; no dot product), which costs more than
         # converting the tensors once.
         grads = _backward_impl(*(_float32(t) for t in (grad_output, input, offset, weight, mask)), with_bias, stride,
@@ -439,15 +439,17 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
     batch, in_channels = input.shape[:2]
     out_channels = weight.shape[0]
     pixels = offset.shape[2] * offset.shape[3]
+    forward = _workload(input, offset, weight, None, mask, stride, padding, dilation, input.dtype)
+    target = device_target(input.device)
+    grad_out = _flat(grad_output, out_channels)
+    sampling_args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
+    if mask is not None:
+        sampling_args.append(_flat(mask, mask.shape[1]))
+
     if need_input or need_offset or need_mask:
-        forward = _workload(input, offset, weight, None, mask, stride, padding, dilation, input.dtype)
-        grad_out = _flat(grad_output, out_channels)
-        sampling_args = [_flat(input, in_channels), _flat(offset, offset.shape[1])]
-        if mask is not None:
-            sampling_args.append(_flat(mask, mask.shape[1]))
         need_sampling = need_offset or need_mask
         kern = _kernel.compile(backward_data_workload(forward, need_input=need_input, need_sampling=need_sampling),
-                               device_target(input.device))
+                               target)
         outs = []
         if need_input:
             outs.append(input.new_empty((batch, in_channels, input.shape[2] * input.shape[3])))
@@ -465,37 +467,18 @@ def _backward_impl(grad_output: torch.Tensor, input: torch.Tensor, offset: torch
             if mask is not None and need_mask:
                 grads[2] = outs.pop(0).view_as(mask)
     if need_weight or need_bias:
-        grads[3], grads[4] = _weight_gradients(grad_output, input, offset, weight, mask, with_bias, stride, padding,
-                                               dilation, need_weight, need_bias)
+        kern = _kernel.compile(backward_weight_workload(forward, need_weight=need_weight, need_bias=need_bias), target)
+        outs = []
+        if need_weight:
+            outs.append(input.new_empty((out_channels, weight[0].numel())))
+        if need_bias:
+            outs.append(input.new_empty(out_channels))
+        kern(grad_out, *(sampling_args if need_weight else []), *outs)
+        if need_weight:
+            grads[3] = outs.pop(0).view_as(weight)
+        if need_bias:
+            grads[4] = outs.pop(0)
     return tuple(grads)
-
-
-def _weight_gradients(grad_output, input, offset, weight, mask, with_bias, stride, padding, dilation,
-                      need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight gradient, bias gradient) of a non-empty call, each an empty tensor where not needed,
-    from one backward-weight kernel of the tensors' own dtype."""
-    need_bias = need_bias and with_bias
-    grads = [input.new_empty(0), input.new_empty(0)]
-    if not (need_weight or need_bias):
-        return grads[0], grads[1]
-    out_channels = weight.shape[0]
-    forward = _workload(input, offset, weight, None, mask, stride, padding, dilation, input.dtype)
-    kern = _kernel.compile(backward_weight_workload(forward, need_weight=need_weight, need_bias=need_bias),
-                           device_target(input.device))
-    outs = []
-    if need_weight:
-        outs.append(input.new_empty((out_channels, weight[0].numel())))
-    if need_bias:
-        outs.append(input.new_empty(out_channels))
-    sampling_args = [_flat(input, input.shape[1]), _flat(offset, offset.shape[1])]
-    if mask is not None:
-        sampling_args.append(_flat(mask, mask.shape[1]))
-    kern(_flat(grad_output, out_channels), *(sampling_args if need_weight else []), *outs)
-    if need_weight:
-        grads[0] = outs.pop(0).view_as(weight)
-    if need_bias:
-        grads[1] = outs.pop(0)
-    return grads[0], grads[1]
 
 
 @torch.library.register_fake("tvm_dcn::deform_conv2d_backward")

@@ -71,11 +71,12 @@ COLUMNS_GATHER = "gather"
 COLUMNS_CHANNELS_LAST = "channels_last"
 # Storage dtypes whose arithmetic runs in float32 (sampling, bilinear sums, GEMM accumulation).
 HALF_DTYPES = ("bfloat16", "float16")
-# The forward GEMM of a bfloat16 workload with ``gemm=GEMM_BF16_DOT``: the columns stored as
-# bfloat16 pairs of consecutive reduction rows, multiplied by pairs of weights and summed into
-# float32 accumulators by AVX512-BF16's ``vdpbf16ps`` (32 products per instruction where FMA does 16).
+# The GEMMs of a bfloat16 workload with ``gemm=GEMM_BF16_DOT``: operands stored as bfloat16 pairs
+# along the reduction (the forward's columns and weights, the column gradient's output gradient and
+# transposed weight, the weight gradient's pixels), multiplied and summed into float32
+# accumulators by AVX512-BF16's ``vdpbf16ps`` (32 products per instruction where FMA does 16).
 GEMM_BF16_DOT = "avx512_bf16"
-# Pixels of one pair-column vector (one vector of float32 accumulators).
+# Float32 accumulators of one dot product (pixels; in the weight gradient, weight columns).
 DOT_LANES = 16
 
 
@@ -101,6 +102,7 @@ def backward_data_workload(forward: Workload, *, need_input: bool, need_sampling
         raise ValueError("a backward-data workload must compute some gradient")
     params = dict(forward.params)
     params.pop("with_bias")
+    params.pop("gemm", None)  # the gradients' own formulation: their cpu_params
     return Workload.make(BACKWARD_DATA, forward.dtype, need_input=bool(need_input),
                          need_sampling=bool(need_sampling), **params)
 
@@ -111,6 +113,7 @@ def backward_weight_workload(forward: Workload, *, need_weight: bool, need_bias:
         raise ValueError("a backward-weight workload must compute some gradient")
     params = dict(forward.params)
     params["with_bias"] = bool(need_bias)
+    params.pop("gemm", None)  # the gradients' own formulation: their cpu_params
     return Workload.make(BACKWARD_WEIGHT, forward.dtype, need_weight=bool(need_weight), **params)
 
 
@@ -171,7 +174,7 @@ def backward_data_cpu_params(wl: Workload, target) -> dict:
     """Parameters of the input, offset and mask gradients' CPU formulation for ``target``:
     ``gemm=GEMM_BF16_DOT`` with ``pixel_align=16`` (vectors of 16 pixels of the output gradient's
     pairs) for a bfloat16 workload on a target with AVX512-BF16 where it applies."""
-    if vector_unit(target).bf16_dot and bf16_dot_applies(wl):
+    if vector_unit(target).bf16_dot and bf16_dot_applies(wl) and wl.get("pixel_align", DOT_LANES) % DOT_LANES == 0:
         return {"pixel_align": DOT_LANES, "gemm": GEMM_BF16_DOT}
     return {}
 
@@ -587,14 +590,14 @@ def paired_grad_output(geo: ConvGeometry, grad_output: te.Tensor) -> te.Tensor:
 def paired_column_gradient(geo: ConvGeometry, weight_pairs: te.Tensor, grad_out_pairs: te.Tensor) -> te.Tensor:
     """The ``gemm=GEMM_BF16_DOT`` column gradient (``column_gradient``): products of bfloat16 values
     (exact in float32) summed in float32, a pair of output channels per step."""
-    half = geo.group_out_channels // 2
-    o2 = te.reduce_axis((0, half), name="o2")
+    pairs = geo.group_out_channels // 2
+    o2 = te.reduce_axis((0, pairs), name="o2")
     t = te.reduce_axis((0, 2), name="ot")
 
     def grad(n, row, p):
         g = row // geo.reduction
         return te.sum(bfloat16_value(weight_pairs[row, o2, t])
-                      * bfloat16_value(grad_out_pairs[n, p // DOT_LANES, g * half + o2, t, p % DOT_LANES]),
+                      * bfloat16_value(grad_out_pairs[n, p // DOT_LANES, g * pairs + o2, t, p % DOT_LANES]),
                       axis=[o2, t])
 
     return te.compute((geo.batch, geo.in_channels * geo.taps, geo.padded_pixels), grad, name="grad_col")
