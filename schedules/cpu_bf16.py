@@ -45,65 +45,47 @@ attributes #0 = {{ alwaysinline nounwind }}
 """
 
 
-@T.prim_func(s_tir=True)
-def _dot_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
-    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
-    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
-        T.writes(C[0:16])
-        for i, k in T.grid(16, 2):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.cast(A[vk], "float32") * T.reinterpret(
-                    "float32", T.shift_left(T.cast(B[vk, vi], "uint32"), T.uint32(16)))
+def _bfloat16_bits_value(bits):
+    """The float32 value of a bfloat16 uint16 bit pattern (as ``ops.deform_conv.bfloat16_value``)."""
+    return T.reinterpret("float32", T.shift_left(T.cast(bits, "uint32"), T.uint32(16)))
 
 
-@T.prim_func(s_tir=True)
-def _dot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "bfloat16", offset_factor=1)
-    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
-    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_extern(
-            "float32x16", _FUNCTION, C.vload([0], "float32x16"),
-            T.broadcast(T.reinterpret(A.vload([0], "bfloat16x2"), dtype="int32"), 16),
-            T.reinterpret(B.vload([0, 0], "uint16x32"), dtype="int32x16"))
+def _dot_intrinsic(pair_dtype: str, widen):
+    """(description, implementation) of the 16 x 2 dot product whose broadcast pair operand A is a
+    ``pair_dtype`` buffer, read as float32 by ``widen`` in the description."""
+    pair_vector = f"{pair_dtype}x2"
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), pair_dtype, offset_factor=1)
+        B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
+        C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:2, 0:16])
+            T.writes(C[0:16])
+            for i, k in T.grid(16, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + widen(A[vk]) * _bfloat16_bits_value(B[vk, vi])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), pair_dtype, offset_factor=1)
+        B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
+        C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:2, 0:16])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_extern(
+                "float32x16", _FUNCTION, C.vload([0], "float32x16"),
+                T.broadcast(T.reinterpret(A.vload([0], pair_vector), dtype="int32"), 16),
+                T.reinterpret(B.vload([0, 0], "uint16x32"), dtype="int32x16"))
+
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _dot_bits_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "uint16", offset_factor=1)
-    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
-    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
-        T.writes(C[0:16])
-        for i, k in T.grid(16, 2):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.reinterpret("float32", T.shift_left(T.cast(A[vk], "uint32"), T.uint32(16))) \
-                    * T.reinterpret("float32", T.shift_left(T.cast(B[vk, vi], "uint32"), T.uint32(16)))
-
-
-@T.prim_func(s_tir=True)
-def _dot_bits_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "uint16", offset_factor=1)
-    B = T.match_buffer(b, (2, 16), "uint16", offset_factor=1)
-    C = T.match_buffer(c, (16,), "float32", offset_factor=1, scope="local")
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:2, 0:16])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_extern(
-            "float32x16", _FUNCTION, C.vload([0], "float32x16"),
-            T.broadcast(T.reinterpret(A.vload([0], "uint16x2"), dtype="int32"), 16),
-            T.reinterpret(B.vload([0, 0], "uint16x32"), dtype="int32x16"))
-
-
-_INTRINSICS = {DOT_16X2_BF16: (_dot_desc, _dot_impl), DOT_16X2_BF16_BITS: (_dot_bits_desc, _dot_bits_impl)}
+_INTRINSICS = {DOT_16X2_BF16: ("bfloat16", lambda value: T.cast(value, "float32")),
+               DOT_16X2_BF16_BITS: ("uint16", _bfloat16_bits_value)}
 
 
 def register(name: str = DOT_16X2_BF16) -> str:
@@ -111,7 +93,7 @@ def register(name: str = DOT_16X2_BF16) -> str:
     its name: ``DOT_16X2_BF16`` (the pair operand a bfloat16 buffer) or ``DOT_16X2_BF16_BITS``
     (uint16 bit patterns)."""
     if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_INTRINSICS[name])
+        TensorIntrin.register(name, *_dot_intrinsic(*_INTRINSICS[name]))
     return name
 
 

@@ -248,7 +248,7 @@ def schedule(sch: Schedule, workload, target, sampled: bool | str = False) -> No
         cpu_bf16.require_dot(workload, target)
         _pair_columns(sch, workload, geo, lanes, sampled=sampled)
         dot = cpu_bf16.register()
-    fused = dot is None and columns_in_gemm_tasks(workload, geo, lanes, target)
+    fused = columns_in_gemm_tasks(workload, geo, lanes, target)  # never with the dot product
     if dot is None and not fused:
         forward_columns(sch, workload, geo, lanes, sampled=sampled)
     if dot is None and geo.dtype != geo.compute_dtype:

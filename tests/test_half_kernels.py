@@ -127,33 +127,41 @@ def test_half_kernels_without_the_dot_round_the_float32_result(dtype):
     assert bridged.dtype == dtype and torch.equal(bridged.reshape(out.shape), out)
 
 
+def _dot_template_samples(wl, target) -> list:
+    """(seed, library) of schedules drawn with seeds 1-3 from the tuning template of ``wl`` (a
+    dot-product workload) for ``target``: each built, with ``vdpbf16ps`` in its code; the draws
+    differ."""
+    from tvm_dcn.schedules import find_template
+
+    assert wl["gemm"] == GEMM_BF16_DOT
+    samples, traces = [], set()
+    for seed in range(1, 4):
+        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
+        find_template(wl.op, "llvm")(sch, wl, target)
+        traces.add(str(sch.trace))
+        lib = tvm.compile(sch.mod, target=target)
+        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+        samples.append((seed, lib))
+    assert len(traces) > 1
+    return samples
+
+
 def test_tuning_template_samples_of_the_dot_kernel():
     """The bfloat16 dot-product forward as a design space (``sampled=True``): schedules drawn with
     other decisions build (with ``vdpbf16ps``) and, where the host has it, compute the forward."""
-    from tvm_dcn.schedules import find_template
-
     target = tvm_dcn.host_target() if HOST_HAS_DOT else tvm.target.Target(SAPPHIRE_RAPIDS)
     wl = ops.for_target(DOT_CASES["stripes"], target)
-    assert wl["gemm"] == GEMM_BF16_DOT
-    template = find_template("deform_conv2d", "llvm")
     x, offset, weight, bias, mask = _inputs(wl, seed=4)
     d = [t.double() for t in (x, offset, weight, bias, mask)]
     expected = reference_deform_conv2d(*d[:4], mask=d[4], padding=1)
     extra = columns_rounding_bound(x, offset, weight, mask=mask, padding=1)
-    traces = set()
-    for seed in range(1, 4):
-        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
-        template(sch, wl, target)
-        traces.add(str(sch.trace))
-        lib = tvm.compile(sch.mod, target=target)
-        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+    for seed, lib in _dot_template_samples(wl, target):
         if HOST_HAS_DOT:
             out = torch.empty(expected.shape[0], expected.shape[1], expected.shape[2] * expected.shape[3],
                               dtype=torch.bfloat16)
             lib["main"](*(t.reshape(t.shape[0], t.shape[1], -1) for t in (x, offset, mask)),
                         weight.reshape(weight.shape[0], -1), bias, out)
             assert_matches(out.reshape(expected.shape), expected, torch.bfloat16, what=f"seed {seed}", extra=extra)
-    assert len(traces) > 1
 
 
 def test_bfloat16_bits_round_to_nearest_even_and_keep_nan():
@@ -259,7 +267,6 @@ def test_tuning_template_samples_of_the_weight_gradient_dot_kernel():
     """The bfloat16 weight gradient with the dot product as a design space: schedules drawn with
     other decisions build (with ``vdpbf16ps``) and, where the host has it, compute the gradient."""
     from tvm_dcn.ops.deform_conv import ConvGeometry
-    from tvm_dcn.schedules import find_template
 
     target = tvm_dcn.host_target() if HOST_HAS_DOT else tvm.target.Target(SAPPHIRE_RAPIDS)
     wl = ops.for_target(_weight_workload(WEIGHT_CASES["plain"]), target)
@@ -268,26 +275,21 @@ def test_tuning_template_samples_of_the_weight_gradient_dot_kernel():
     x, offset, _, _, mask = _inputs(wl, seed=3)
     grad = torch.randn(geo.batch, geo.out_channels, geo.out_h, geo.out_w,
                        generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    traces = set()
-    for seed in range(1, 4):
-        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
-        find_template(wl.op, "llvm")(sch, wl, target)
-        traces.add(str(sch.trace))
-        lib = tvm.compile(sch.mod, target=target)
-        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+    args = [grad.reshape(geo.batch, geo.out_channels, -1)] + [t.reshape(t.shape[0], t.shape[1], -1)
+                                                               for t in (x, offset, mask)]
+
+    def run(lib):
+        out = torch.empty(geo.out_channels, geo.reduction, dtype=torch.bfloat16)
+        lib(*args, out, torch.empty(geo.out_channels, dtype=torch.bfloat16))
+        return out
+
+    if HOST_HAS_DOT:
+        with kernel.forced_schedule("hand"):
+            hand = run(tvm_dcn.compile(wl))
+    for seed, lib in _dot_template_samples(wl, target):
         if HOST_HAS_DOT:
-            out = torch.empty(geo.out_channels, geo.reduction, dtype=torch.bfloat16)
-            bias_grad = torch.empty(geo.out_channels, dtype=torch.bfloat16)
-            lib["main"](grad.reshape(geo.batch, geo.out_channels, -1),
-                        *(t.reshape(t.shape[0], t.shape[1], -1) for t in (x, offset, mask)), out, bias_grad)
-            with kernel.forced_schedule("hand"):
-                hand = torch.empty_like(out)
-                tvm_dcn.compile(wl)(grad.reshape(geo.batch, geo.out_channels, -1),
-                                    *(t.reshape(t.shape[0], t.shape[1], -1) for t in (x, offset, mask)), hand,
-                                    torch.empty_like(bias_grad))
             # Sums in another order: within the float32 accumulation's error, rounded to bfloat16.
-            assert_matches(out, hand.double(), torch.bfloat16, what=f"seed {seed}")
-    assert len(traces) > 1
+            assert_matches(run(lib["main"]), hand.double(), torch.bfloat16, what=f"seed {seed}")
 
 
 def _data_workload(wl):
@@ -335,7 +337,6 @@ def test_tuning_template_samples_of_the_column_gradient_dot_kernel():
     schedules drawn with other decisions build (with ``vdpbf16ps``) and, where the host has it,
     compute what the hand schedule computes."""
     from tvm_dcn.ops.deform_conv import ConvGeometry
-    from tvm_dcn.schedules import find_template
 
     target = tvm_dcn.host_target() if HOST_HAS_DOT else tvm.target.Target(SAPPHIRE_RAPIDS)
     wl = ops.for_target(_data_workload(DOT_CASES["stripes"]), target)
@@ -356,17 +357,10 @@ def test_tuning_template_samples_of_the_column_gradient_dot_kernel():
     if HOST_HAS_DOT:
         with kernel.forced_schedule("hand"):
             hand = run(tvm_dcn.compile(wl))
-    traces = set()
-    for seed in range(1, 4):
-        sch = tvm.s_tir.Schedule(ops.ir_module(wl), seed=seed)
-        find_template(wl.op, "llvm")(sch, wl, target)
-        traces.add(str(sch.trace))
-        lib = tvm.compile(sch.mod, target=target)
-        assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+    for seed, lib in _dot_template_samples(wl, target):
         if HOST_HAS_DOT:
             for got, expected, what in zip(run(lib["main"]), hand, ("input", "offset", "mask")):
                 assert_matches(got, expected.double(), torch.bfloat16, what=f"seed {seed} grad {what}")
-    assert len(traces) > 1
 
 
 @pytest.mark.parametrize("make", [_weight_workload, _data_workload], ids=["weight", "data"])
